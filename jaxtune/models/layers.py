@@ -1,0 +1,221 @@
+"""Shared building blocks for every model family.
+
+Glossary of the dimension letters in tensor names (``x_btd``, ``w_dnh``):
+  b batch, t query length, s key length, d model width, f MLP width, n query heads,
+  k key/value heads, g query heads per key/value head (n = k * g), h head dim, v vocab, l layers.
+
+Every parameter is created through :func:`param`, which records its logical axis names
+(``embed``, ``mlp``, ``heads``, ``kv_heads``, ``head_dim``, ``vocab``, ``layers``, ...). The sharding
+module maps those names to mesh axes; no parameter exists without them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+# Logical axis names used on parameters. Kept in one place so sharding rules can be checked against it.
+AXIS_NAMES = ("layers", "vocab", "embed", "mlp", "heads", "kv_heads", "head_dim", "qkv", "position", "norm")
+
+
+def param(rngs: nnx.Rngs, init, shape, names, dtype) -> nnx.Param:
+    """A parameter with logical axis names; sharding is applied later, from the abstract state."""
+    assert len(shape) == len(names), (shape, names)
+    for name in names:
+        assert name in AXIS_NAMES, name
+    return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=tuple(names), eager_sharding=False)
+
+
+normal = nnx.initializers.normal
+zeros = nnx.initializers.zeros
+ones = nnx.initializers.ones
+
+
+class Norm(nnx.Module):
+    """RMSNorm (``rms``), Gemma's RMSNorm with a ``1 + w`` scale (``rms_one``), or LayerNorm (``layer``).
+
+    Statistics are computed in float32 whatever the compute dtype, as transformers does.
+    """
+
+    def __init__(self, dim: int, kind: str, eps: float, *, rngs, dtype, names=("norm",)):
+        self.kind, self.eps = kind, eps
+        self.weight = param(rngs, zeros if kind == "rms_one" else ones, (dim,), names, dtype)
+        if kind == "layer":
+            self.bias = param(rngs, zeros, (dim,), names, dtype)
+
+    def __call__(self, x):
+        dtype = x.dtype
+        x = x.astype(jnp.float32)
+        w = self.weight[...]
+        if self.kind == "layer":
+            mean = x.mean(-1, keepdims=True)
+            var = jnp.square(x - mean).mean(-1, keepdims=True)
+            y = (x - mean) * jax.lax.rsqrt(var + self.eps)
+            return (y * w.astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(dtype)
+        y = x * jax.lax.rsqrt(jnp.square(x).mean(-1, keepdims=True) + self.eps)
+        if self.kind == "rms_one":
+            # Gemma scales in float32, then casts.
+            return (y * (1.0 + w.astype(jnp.float32))).astype(dtype)
+        # Llama casts the normalised activations back first, then scales in the weight dtype.
+        return w * y.astype(dtype)
+
+
+def activation(name: str):
+    """Activation by Hugging Face name."""
+    if name == "silu":
+        return jax.nn.silu
+    if name in ("gelu_pytorch_tanh", "gelu_new", "gelu_fast", "gelu_tanh"):
+        return lambda x: jax.nn.gelu(x, approximate=True)
+    if name == "gelu":
+        return lambda x: jax.nn.gelu(x, approximate=False)
+    if name == "relu":
+        return jax.nn.relu
+    raise ValueError(f"activation {name!r} is not supported; use one of silu, gelu, gelu_pytorch_tanh, relu")
+
+
+def rope_inv_freq(head_dim: int, rope: dict) -> tuple[np.ndarray, float]:
+    """Inverse frequencies and attention factor for a Hugging Face ``rope_parameters`` dict.
+
+    Supported ``rope_type``: default, linear, llama3. Computed in float32 with the same operation order
+    as transformers so positions far along the sequence still agree to float32 precision.
+    """
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    theta = float(rope["rope_theta"])
+    exponent = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
+    inv_freq = (1.0 / (np.float32(theta) ** exponent)).astype(np.float32)
+    if kind == "default":
+        return inv_freq, 1.0
+    if kind == "linear":
+        return (inv_freq / np.float32(rope["factor"])).astype(np.float32), 1.0
+    if kind == "llama3":
+        factor = rope["factor"]
+        low, high = rope["low_freq_factor"], rope["high_freq_factor"]
+        old_len = rope["original_max_position_embeddings"]
+        low_wavelen, high_wavelen = old_len / low, old_len / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        return np.where(medium, smoothed, scaled).astype(np.float32), 1.0
+    raise ValueError(f"rope_type {kind!r} is not supported; supported: default, linear, llama3")
+
+
+def apply_rope(x_btnh, positions_bt, inv_freq_h2, factor: float):
+    """Rotary embedding in the rotate-half layout used by Hugging Face checkpoints."""
+    freqs = positions_bt.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq_h2)
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+    cos, sin = (jnp.cos(emb) * factor).astype(x_btnh.dtype), (jnp.sin(emb) * factor).astype(x_btnh.dtype)
+    x1, x2 = jnp.split(x_btnh, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return x_btnh * cos + rotated * sin
+
+
+def attention_mask_bts(attention_mask_bs, segment_ids_bt, length: int, window):
+    """Boolean mask [b, t, s]: causal, not padding, same segment, and inside the sliding window.
+
+    ``window`` is a traced scalar (0 = global) so layers with different windows share one scanned body.
+    """
+    idx = jnp.arange(length)
+    q, k = idx[:, None], idx[None, :]
+    mask = (k <= q)[None]
+    mask = mask & jnp.where(window > 0, k > q - window, True)[None]
+    if attention_mask_bs is not None:
+        mask = mask & (attention_mask_bs[:, None, :] > 0)
+    if segment_ids_bt is not None:
+        mask = mask & (segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :])
+    return mask
+
+
+class Attention(nnx.Module):
+    """Multi-head attention with grouped/multi-query key-value heads, rotary or no positions,
+    optional q/k norm (Qwen3), logit soft-capping (Gemma 2) and a fused qkv projection (GPT-2)."""
+
+    def __init__(self, cfg, *, rngs, dtype):
+        d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.cfg = cfg
+        init = normal(cfg.init_std)
+        if cfg.fused_qkv:
+            assert n == k, "a fused qkv projection needs as many key/value heads as query heads"
+            self.qkv_proj = Linear(d, (3, n, h), ("embed",), ("qkv", "heads", "head_dim"), cfg.qkv_bias,
+                                   init, rngs=rngs, dtype=dtype)
+        else:
+            self.q_proj = Linear(d, (n, h), ("embed",), ("heads", "head_dim"), cfg.qkv_bias, init,
+                                 rngs=rngs, dtype=dtype)
+            self.k_proj = Linear(d, (k, h), ("embed",), ("kv_heads", "head_dim"), cfg.qkv_bias, init,
+                                 rngs=rngs, dtype=dtype)
+            self.v_proj = Linear(d, (k, h), ("embed",), ("kv_heads", "head_dim"), cfg.qkv_bias, init,
+                                 rngs=rngs, dtype=dtype)
+        self.o_proj = Linear((n, h), d, ("heads", "head_dim"), ("embed",), cfg.o_bias, init,
+                             rngs=rngs, dtype=dtype)
+        if cfg.qk_norm:
+            self.q_norm = Norm(h, cfg.norm, cfg.norm_eps, rngs=rngs, dtype=dtype, names=("head_dim",))
+            self.k_norm = Norm(h, cfg.norm, cfg.norm_eps, rngs=rngs, dtype=dtype, names=("head_dim",))
+
+    def __call__(self, x_btd, positions_bt, mask_bts):
+        cfg = self.cfg
+        if cfg.fused_qkv:
+            qkv = self.qkv_proj(x_btd)
+            q_btnh, k_btkh, v_btkh = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        else:
+            q_btnh, k_btkh, v_btkh = self.q_proj(x_btd), self.k_proj(x_btd), self.v_proj(x_btd)
+        if cfg.qk_norm:
+            q_btnh, k_btkh = self.q_norm(q_btnh), self.k_norm(k_btkh)
+        if cfg.position == "rope":
+            inv_freq, factor = rope_inv_freq(cfg.head_dim, dict(cfg.rope))
+            q_btnh = apply_rope(q_btnh, positions_bt, inv_freq, factor)
+            k_btkh = apply_rope(k_btkh, positions_bt, inv_freq, factor)
+        b, t, n, h = q_btnh.shape
+        k = k_btkh.shape[2]
+        q_btkgh = q_btnh.reshape(b, t, k, n // k, h)
+        scores = jnp.einsum("btkgh,bskh->bkgts", q_btkgh, k_btkh, preferred_element_type=jnp.float32)
+        scores = scores * cfg.attn_scale
+        if cfg.attn_softcap:
+            scores = jnp.tanh(scores / cfg.attn_softcap) * cfg.attn_softcap
+        # A large finite value rather than -inf keeps fully masked (padding) rows free of NaN.
+        scores = jnp.where(mask_bts[:, None, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v_btkh.dtype)
+        out_btkgh = jnp.einsum("bkgts,bskh->btkgh", probs, v_btkh)
+        return self.o_proj(out_btkgh.reshape(b, t, n, h))
+
+
+class Linear(nnx.Module):
+    """A dense layer whose input and output sides may each span several named dimensions."""
+
+    def __init__(self, in_shape, out_shape, in_names, out_names, bias: bool, init, *, rngs, dtype):
+        in_shape = (in_shape,) if isinstance(in_shape, int) else tuple(in_shape)
+        out_shape = (out_shape,) if isinstance(out_shape, int) else tuple(out_shape)
+        self.n_in = len(in_shape)
+        self.kernel = param(rngs, init, in_shape + out_shape, tuple(in_names) + tuple(out_names), dtype)
+        if bias:
+            self.bias = param(rngs, zeros, out_shape, out_names, dtype)
+
+    def __call__(self, x):
+        w = self.kernel[...]
+        y = jax.lax.dot_general(x, w, (((tuple(range(x.ndim - self.n_in, x.ndim))), tuple(range(self.n_in))),
+                                       ((), ())))
+        if hasattr(self, "bias"):
+            y = y + self.bias[...]
+        return y
+
+
+class MLP(nnx.Module):
+    """Gated (SwiGLU / GeGLU: ``down(act(gate(x)) * up(x))``) or plain (``down(act(up(x)))``) MLP."""
+
+    def __init__(self, cfg, *, rngs, dtype):
+        d, f, init = cfg.hidden_size, cfg.intermediate_size, normal(cfg.init_std)
+        self.act = activation(cfg.activation)
+        self.gated = cfg.gated_mlp
+        if cfg.gated_mlp:
+            self.gate_proj = Linear(d, f, ("embed",), ("mlp",), cfg.mlp_bias, init, rngs=rngs, dtype=dtype)
+        self.up_proj = Linear(d, f, ("embed",), ("mlp",), cfg.mlp_bias, init, rngs=rngs, dtype=dtype)
+        self.down_proj = Linear(f, d, ("mlp",), ("embed",), cfg.mlp_bias, init, rngs=rngs, dtype=dtype)
+
+    def __call__(self, x_btd):
+        if self.gated:
+            return self.down_proj(self.act(self.gate_proj(x_btd)) * self.up_proj(x_btd))
+        return self.down_proj(self.act(self.up_proj(x_btd)))

@@ -1,0 +1,101 @@
+"""Llama 1/2/3, Mistral, Qwen2/2.5 and Qwen3: one architecture with a few switches.
+
+Differences handled here: Llama-3 rope scaling (through ``rope_parameters``), Qwen2's q/k/v bias,
+Qwen3's q/k RMSNorm, Mistral's and Qwen's sliding-window layers, tied or untied embeddings.
+"""
+
+from __future__ import annotations
+
+import json
+
+from jaxtune.models.decoder import DecoderConfig
+from jaxtune.models.weights import FLAT, IDENT, LINEAR, LINEAR_IN2
+
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+# Buffers some older checkpoints carry; they hold no parameter.
+IGNORED_KEYS = (r".*\.rotary_emb\.inv_freq",)
+# A tied checkpoint may still store the head; it is the embedding.
+TIED_KEYS = ("lm_head.weight",)
+
+
+def windows_from_hf(hf) -> tuple:
+    """Per-layer sliding window (0 = global) from ``layer_types`` / ``sliding_window``."""
+    n, window = hf.num_hidden_layers, getattr(hf, "sliding_window", None) or 0
+    layer_types = getattr(hf, "layer_types", None)
+    if layer_types:
+        return tuple(window if kind == "sliding_attention" else 0 for kind in layer_types)
+    if hf.model_type == "mistral":
+        return (window,) * n
+    return (0,) * n
+
+
+def rope_from_hf(hf) -> tuple:
+    rope = dict(getattr(hf, "rope_parameters", None) or {})
+    if "rope_theta" not in rope:
+        rope["rope_theta"] = getattr(hf, "rope_theta", 10000.0)
+    return tuple(sorted(rope.items()))
+
+
+def config_from_hf(hf) -> DecoderConfig:
+    kind = hf.model_type
+    heads = hf.num_attention_heads
+    bias = bool(getattr(hf, "attention_bias", False))
+    return DecoderConfig(
+        model_type=kind,
+        vocab_size=hf.vocab_size,
+        hidden_size=hf.hidden_size,
+        intermediate_size=hf.intermediate_size,
+        num_layers=hf.num_hidden_layers,
+        num_heads=heads,
+        num_kv_heads=getattr(hf, "num_key_value_heads", None) or heads,
+        head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // heads,
+        norm="rms",
+        norm_eps=hf.rms_norm_eps,
+        activation=hf.hidden_act,
+        max_positions=hf.max_position_embeddings,
+        rope=rope_from_hf(hf),
+        qkv_bias=True if kind == "qwen2" else bias,
+        o_bias=False if kind == "qwen2" else bias,
+        mlp_bias=bool(getattr(hf, "mlp_bias", False)),
+        qk_norm=kind == "qwen3",
+        windows=windows_from_hf(hf),
+        tie_embeddings=bool(hf.tie_word_embeddings),
+        init_std=getattr(hf, "initializer_range", 0.02),
+        hf_config_json=json.dumps(hf.to_dict()),
+    )
+
+
+def hf_table(cfg: DecoderConfig) -> tuple:
+    """Hugging Face key template -> (our parameter path, transform). ``{i}`` is the layer index."""
+    layer = "model.layers.{i}."
+    return (
+        ("model.embed_tokens.weight", "embed", IDENT),
+        ("model.norm.weight", "final_norm.weight", FLAT),
+        ("lm_head.weight", "lm_head", LINEAR),
+        (layer + "input_layernorm.weight", "layers.attn_norm.weight", FLAT),
+        (layer + "post_attention_layernorm.weight", "layers.mlp_norm.weight", FLAT),
+        *attention_entries(layer),
+        *gated_mlp_entries(layer),
+    )
+
+
+def attention_entries(layer: str) -> tuple:
+    att = layer + "self_attn."
+    return (
+        *((f"{att}{p}_proj.weight", f"layers.attn.{p}_proj.kernel", LINEAR) for p in "qkv"),
+        *((f"{att}{p}_proj.bias", f"layers.attn.{p}_proj.bias", FLAT) for p in "qkvo"),
+        (att + "o_proj.weight", "layers.attn.o_proj.kernel", LINEAR_IN2),
+        (att + "q_norm.weight", "layers.attn.q_norm.weight", FLAT),
+        (att + "k_norm.weight", "layers.attn.k_norm.weight", FLAT),
+    )
+
+
+def gated_mlp_entries(layer: str) -> tuple:
+    return tuple(
+        entry
+        for p in ("gate", "up", "down")
+        for entry in (
+            (f"{layer}mlp.{p}_proj.weight", f"layers.mlp.{p}_proj.kernel", LINEAR),
+            (f"{layer}mlp.{p}_proj.bias", f"layers.mlp.{p}_proj.bias", FLAT),
+        )
+    )
