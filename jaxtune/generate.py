@@ -45,7 +45,7 @@ def generate_ids(model, input_ids, attention_mask=None, max_new_tokens=32, eos_t
     graphdef, state = nnx.split(model)
     new, valid = _greedy(graphdef, state, ids, mask, eos, pad_token_id, max_new_tokens)
     new, valid = np.asarray(new), np.asarray(valid).astype(bool)
-    return [row[keep].tolist() for row, keep in zip(new, valid)]
+    return [row[keep].tolist() for row, keep in zip(new, valid, strict=True)]
 
 
 def generate(model, tokenizer, prompt_or_messages, max_new_tokens=32) -> str:
@@ -54,7 +54,9 @@ def generate(model, tokenizer, prompt_or_messages, max_new_tokens=32) -> str:
     if isinstance(prompt_or_messages, str):
         ids = tokenizer(prompt_or_messages)["input_ids"]
     else:
-        ids = tokenizer.apply_chat_template(list(prompt_or_messages), add_generation_prompt=True, tokenize=True)
+        ids = tokenizer.apply_chat_template(
+            list(prompt_or_messages), add_generation_prompt=True, tokenize=True
+        )
         if isinstance(ids, dict) or hasattr(ids, "keys"):
             ids = ids["input_ids"]
     eos = tokenizer.eos_token_id

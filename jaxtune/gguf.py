@@ -95,7 +95,10 @@ def read(path: str):
         head_dim=int(_field(reader, "llama.rope.dimension_count", hidden // heads)),
         max_position_embeddings=int(_field(reader, "llama.context_length", 2048)),
         rms_norm_eps=float(_field(reader, "llama.attention.layer_norm_rms_epsilon")),
-        rope_parameters={"rope_type": "default", "rope_theta": float(_field(reader, "llama.rope.freq_base", 1e4))},
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": float(_field(reader, "llama.rope.freq_base", 1e4)),
+        },
         tie_word_embeddings="output.weight" not in tensors,
         bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
         eos_token_id=_field(reader, "tokenizer.ggml.eos_token_id"),
@@ -118,7 +121,9 @@ def tokenizer(path: str):
     reader = _reader(path)
     kind = _field(reader, "tokenizer.ggml.model")
     if kind != "gpt2":
-        raise ValueError(f"{path}: GGUF tokenizer model {kind!r} is not supported; supported: gpt2 (byte-level BPE)")
+        raise ValueError(
+            f"{path}: GGUF tokenizer model {kind!r} is not supported; supported: gpt2 (byte-level BPE)"
+        )
     tokens = list(_field(reader, "tokenizer.ggml.tokens"))
     types = list(_field(reader, "tokenizer.ggml.token_type"))
     merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges")]
@@ -126,13 +131,21 @@ def tokenizer(path: str):
     tok = Tokenizer(bpe)
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
     if _field(reader, "tokenizer.ggml.pre") in ("smollm", "starcoder", "refact"):
-        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), byte_level]
+        )
     else:
         tok.pre_tokenizer = byte_level
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     # Token type 3 is "control" in llama.cpp: these are the special tokens.
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == 3])
+    tok.add_special_tokens(
+        [
+            AddedToken(t, special=True, normalized=False)
+            for t, ty in zip(tokens, types, strict=True)
+            if ty == 3
+        ]
+    )
 
     def token(key):
         i = _field(reader, key)

@@ -126,7 +126,7 @@ def state_from_hf(
         else:
             unused.append(key)
     missing = []
-    for path, shape in shapes.items():
+    for path in shapes:
         got = sources.get(path, {})
         wanted = range(num_layers) if path.startswith("layers.") else [None]
         missing += [f"{path}[layer {i}]" if i is not None else path for i in wanted if i not in got]
@@ -167,7 +167,9 @@ def state_to_hf(state: Mapping[str, np.ndarray], family, cfg) -> Iterator[tuple[
             yield template, tx.to_hf(np.asarray(arr))
 
 
-def write_safetensors(out_dir: str, tensors: Iterator[tuple[str, np.ndarray]], max_shard_bytes=MAX_SHARD_BYTES):
+def write_safetensors(
+    out_dir: str, tensors: Iterator[tuple[str, np.ndarray]], max_shard_bytes=MAX_SHARD_BYTES
+):
     """Write model.safetensors, or numbered shards plus an index when they exceed ``max_shard_bytes``."""
     from safetensors.numpy import save_file
 

@@ -4,27 +4,62 @@ import numpy as np
 import torch
 import transformers
 
-BASE = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-            max_position_embeddings=64)
+BASE = dict(
+    vocab_size=97,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    max_position_embeddings=64,
+)
 
 VARIANTS = {
     "llama": ("LlamaConfig", dict(num_key_value_heads=2, tie_word_embeddings=False)),
     "llama-tied-mqa": ("LlamaConfig", dict(num_key_value_heads=1, tie_word_embeddings=True)),
     "llama-bias": ("LlamaConfig", dict(num_key_value_heads=4, attention_bias=True, mlp_bias=True)),
-    "llama3-rope": ("LlamaConfig", dict(num_key_value_heads=2, rope_parameters=dict(
-        rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-        original_max_position_embeddings=8))),
-    "llama-linear-rope": ("LlamaConfig", dict(num_key_value_heads=2, rope_parameters=dict(
-        rope_type="linear", rope_theta=10000.0, factor=2.0))),
+    "llama3-rope": (
+        "LlamaConfig",
+        dict(
+            num_key_value_heads=2,
+            rope_parameters=dict(
+                rope_type="llama3",
+                rope_theta=500000.0,
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=8,
+            ),
+        ),
+    ),
+    "llama-linear-rope": (
+        "LlamaConfig",
+        dict(num_key_value_heads=2, rope_parameters=dict(rope_type="linear", rope_theta=10000.0, factor=2.0)),
+    ),
     "mistral-sliding": ("MistralConfig", dict(num_key_value_heads=2, sliding_window=4, head_dim=16)),
     "qwen2": ("Qwen2Config", dict(num_key_value_heads=2, tie_word_embeddings=True)),
-    "qwen2-sliding": ("Qwen2Config", dict(num_key_value_heads=2, use_sliding_window=True, sliding_window=3,
-                                          max_window_layers=1, tie_word_embeddings=False)),
+    "qwen2-sliding": (
+        "Qwen2Config",
+        dict(
+            num_key_value_heads=2,
+            use_sliding_window=True,
+            sliding_window=3,
+            max_window_layers=1,
+            tie_word_embeddings=False,
+        ),
+    ),
     "qwen3": ("Qwen3Config", dict(num_key_value_heads=2, head_dim=16, tie_word_embeddings=False)),
     "gemma": ("GemmaConfig", dict(num_key_value_heads=1, head_dim=16)),
-    "gemma2": ("Gemma2Config", dict(num_key_value_heads=2, head_dim=16, sliding_window=4,
-                                    query_pre_attn_scalar=12, attn_logit_softcapping=5.0,
-                                    final_logit_softcapping=3.0)),
+    "gemma2": (
+        "Gemma2Config",
+        dict(
+            num_key_value_heads=2,
+            head_dim=16,
+            sliding_window=4,
+            query_pre_attn_scalar=12,
+            attn_logit_softcapping=5.0,
+            final_logit_softcapping=3.0,
+        ),
+    ),
     "gpt2": ("GPT2Config", None),
 }
 
@@ -32,8 +67,16 @@ VARIANTS = {
 def make_config(variant: str):
     cls, extra = VARIANTS[variant]
     if extra is None:  # GPT-2 names its fields differently.
-        return transformers.GPT2Config(vocab_size=97, n_embd=32, n_layer=3, n_head=4, n_positions=64,
-                                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        return transformers.GPT2Config(
+            vocab_size=97,
+            n_embd=32,
+            n_layer=3,
+            n_head=4,
+            n_positions=64,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        )
     return getattr(transformers, cls)(**BASE, **extra)
 
 
@@ -62,5 +105,7 @@ def hf_logits(model, ids, mask):
     """transformers logits with the positions jaxtune uses by default (left padding does not shift them)."""
     positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
     with torch.no_grad():
-        out = model(torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=torch.tensor(positions))
+        out = model(
+            torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=torch.tensor(positions)
+        )
     return out.logits.float().numpy()

@@ -70,8 +70,9 @@ def test_packed_segments_do_not_attend_to_each_other(variant, tmp_path):
     np.testing.assert_allclose(got[:, :4], np.asarray(model(doc_a)), atol=1e-5)
     np.testing.assert_allclose(got[:, 4:], np.asarray(model(doc_b)), atol=1e-5)
     explicit = np.array([[0, 1, 2, 3, 0, 1, 2, 3, 4, 5, 6]])
-    np.testing.assert_allclose(np.asarray(model(packed, position_ids=explicit, segment_ids=segments)), got,
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(model(packed, position_ids=explicit, segment_ids=segments)), got, atol=1e-6
+    )
 
 
 def test_every_parameter_has_logical_axis_names(tmp_path):
@@ -110,7 +111,10 @@ def test_export_cli_casts_and_shards(tmp_path):
     from jaxtune import export, hf
 
     make_model("llama").save_pretrained(tmp_path / "hf")
-    assert export.main(["--model", str(tmp_path / "hf"), "--out", str(tmp_path / "bf16"), "--dtype", "bfloat16"]) == 0
+    assert (
+        export.main(["--model", str(tmp_path / "hf"), "--out", str(tmp_path / "bf16"), "--dtype", "bfloat16"])
+        == 0
+    )
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype="auto")
     assert next(back.parameters()).dtype == torch.bfloat16
 
@@ -118,7 +122,9 @@ def test_export_cli_casts_and_shards(tmp_path):
     jaxtune.save_pretrained(model, tmp_path / "sharded", max_shard_bytes=20_000)
     index = json.loads((tmp_path / "sharded" / hf.SAFETENSORS_INDEX).read_text())
     assert len(set(index["weight_map"].values())) > 1
-    back, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "sharded", output_loading_info=True)
+    back, info = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "sharded", output_loading_info=True
+    )
     assert not info["missing_keys"] and not info["unexpected_keys"]
     reloaded = jaxtune.load_pretrained(str(tmp_path / "sharded"))
     ids, mask = batch(97)

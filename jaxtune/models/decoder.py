@@ -74,10 +74,12 @@ class Block(nnx.Module):
         self.mlp_norm = layers.Norm(d, cfg.norm, cfg.norm_eps, rngs=rngs, dtype=dtype, names=("embed",))
         self.mlp = layers.MLP(cfg, rngs=rngs, dtype=dtype)
         if cfg.sandwich_norm:
-            self.post_attn_norm = layers.Norm(d, cfg.norm, cfg.norm_eps, rngs=rngs, dtype=dtype,
-                                              names=("embed",))
-            self.post_mlp_norm = layers.Norm(d, cfg.norm, cfg.norm_eps, rngs=rngs, dtype=dtype,
-                                             names=("embed",))
+            self.post_attn_norm = layers.Norm(
+                d, cfg.norm, cfg.norm_eps, rngs=rngs, dtype=dtype, names=("embed",)
+            )
+            self.post_mlp_norm = layers.Norm(
+                d, cfg.norm, cfg.norm_eps, rngs=rngs, dtype=dtype, names=("embed",)
+            )
 
     def __call__(self, x_btd, positions_bt, mask_bts):
         h = self.attn(self.attn_norm(x_btd), positions_bt, mask_bts)
@@ -110,20 +112,25 @@ class CausalLM(nnx.Module):
         init = layers.normal(cfg.init_std)
         self.embed = layers.param(rngs, init, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dtype)
         if cfg.position == "learned":
-            self.pos_embed = layers.param(rngs, init, (cfg.max_positions, cfg.hidden_size),
-                                          ("position", "embed"), dtype)
+            self.pos_embed = layers.param(
+                rngs, init, (cfg.max_positions, cfg.hidden_size), ("position", "embed"), dtype
+            )
 
         @nnx.split_rngs(splits=cfg.num_layers)
-        @nnx.vmap(in_axes=0, out_axes=0, axis_size=cfg.num_layers,
-                  transform_metadata={nnx.PARTITION_NAME: "layers"})
+        @nnx.vmap(
+            in_axes=0, out_axes=0, axis_size=cfg.num_layers, transform_metadata={nnx.PARTITION_NAME: "layers"}
+        )
         def stacked(rngs):
             return Block(cfg, rngs=rngs, dtype=dtype)
 
         self.layers = stacked(rngs)
-        self.final_norm = layers.Norm(cfg.hidden_size, cfg.norm, cfg.norm_eps, rngs=rngs, dtype=dtype,
-                                      names=("embed",))
+        self.final_norm = layers.Norm(
+            cfg.hidden_size, cfg.norm, cfg.norm_eps, rngs=rngs, dtype=dtype, names=("embed",)
+        )
         if not cfg.tie_embeddings:
-            self.lm_head = layers.param(rngs, init, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dtype)
+            self.lm_head = layers.param(
+                rngs, init, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dtype
+            )
 
     def hidden_states(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None):
         """Final-norm hidden states ``[b, t, d]``."""

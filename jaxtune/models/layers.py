@@ -141,17 +141,29 @@ class Attention(nnx.Module):
         init = normal(cfg.init_std)
         if cfg.fused_qkv:
             assert n == k, "a fused qkv projection needs as many key/value heads as query heads"
-            self.qkv_proj = Linear(d, (3, n, h), ("embed",), ("qkv", "heads", "head_dim"), cfg.qkv_bias,
-                                   init, rngs=rngs, dtype=dtype)
+            self.qkv_proj = Linear(
+                d,
+                (3, n, h),
+                ("embed",),
+                ("qkv", "heads", "head_dim"),
+                cfg.qkv_bias,
+                init,
+                rngs=rngs,
+                dtype=dtype,
+            )
         else:
-            self.q_proj = Linear(d, (n, h), ("embed",), ("heads", "head_dim"), cfg.qkv_bias, init,
-                                 rngs=rngs, dtype=dtype)
-            self.k_proj = Linear(d, (k, h), ("embed",), ("kv_heads", "head_dim"), cfg.qkv_bias, init,
-                                 rngs=rngs, dtype=dtype)
-            self.v_proj = Linear(d, (k, h), ("embed",), ("kv_heads", "head_dim"), cfg.qkv_bias, init,
-                                 rngs=rngs, dtype=dtype)
-        self.o_proj = Linear((n, h), d, ("heads", "head_dim"), ("embed",), cfg.o_bias, init,
-                             rngs=rngs, dtype=dtype)
+            self.q_proj = Linear(
+                d, (n, h), ("embed",), ("heads", "head_dim"), cfg.qkv_bias, init, rngs=rngs, dtype=dtype
+            )
+            self.k_proj = Linear(
+                d, (k, h), ("embed",), ("kv_heads", "head_dim"), cfg.qkv_bias, init, rngs=rngs, dtype=dtype
+            )
+            self.v_proj = Linear(
+                d, (k, h), ("embed",), ("kv_heads", "head_dim"), cfg.qkv_bias, init, rngs=rngs, dtype=dtype
+            )
+        self.o_proj = Linear(
+            (n, h), d, ("heads", "head_dim"), ("embed",), cfg.o_bias, init, rngs=rngs, dtype=dtype
+        )
         if cfg.qk_norm:
             self.q_norm = Norm(h, cfg.norm, cfg.norm_eps, rngs=rngs, dtype=dtype, names=("head_dim",))
             self.k_norm = Norm(h, cfg.norm, cfg.norm_eps, rngs=rngs, dtype=dtype, names=("head_dim",))
@@ -196,8 +208,9 @@ class Linear(nnx.Module):
 
     def __call__(self, x):
         w = self.kernel[...]
-        y = jax.lax.dot_general(x, w, (((tuple(range(x.ndim - self.n_in, x.ndim))), tuple(range(self.n_in))),
-                                       ((), ())))
+        y = jax.lax.dot_general(
+            x, w, (((tuple(range(x.ndim - self.n_in, x.ndim))), tuple(range(self.n_in))), ((), ()))
+        )
         if hasattr(self, "bias"):
             y = y + self.bias[...]
         return y
