@@ -7,10 +7,8 @@ embeddings. Gemma 2 adds norms after attention and MLP, attention and final logi
 
 from __future__ import annotations
 
-import json
-
 from jaxtune.models.decoder import DecoderConfig
-from jaxtune.models.llama import attention_entries, gated_mlp_entries, rope_from_hf, windows_from_hf
+from jaxtune.models.llama import attention_entries, gated_mlp_entries, shared_fields
 from jaxtune.models.weights import FLAT, IDENT, LINEAR
 
 MODEL_TYPES = ("gemma", "gemma2")
@@ -20,34 +18,20 @@ TIED_KEYS = ("lm_head.weight",)
 
 def config_from_hf(hf) -> DecoderConfig:
     v2 = hf.model_type == "gemma2"
-    heads = hf.num_attention_heads
-    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // heads
+    fields = shared_fields(hf)
+    bias = bool(getattr(hf, "attention_bias", False))
     return DecoderConfig(
-        model_type=hf.model_type,
-        vocab_size=hf.vocab_size,
-        hidden_size=hf.hidden_size,
-        intermediate_size=hf.intermediate_size,
-        num_layers=hf.num_hidden_layers,
-        num_heads=heads,
-        num_kv_heads=getattr(hf, "num_key_value_heads", None) or heads,
-        head_dim=head_dim,
+        **fields,
         norm="rms_one",
-        norm_eps=hf.rms_norm_eps,
         # Gemma checkpoints say hidden_act "gelu" but transformers runs the tanh approximation.
         activation=getattr(hf, "hidden_activation", None) or "gelu_pytorch_tanh",
-        max_positions=hf.max_position_embeddings,
-        rope=rope_from_hf(hf),
-        qkv_bias=bool(getattr(hf, "attention_bias", False)),
-        o_bias=bool(getattr(hf, "attention_bias", False)),
+        qkv_bias=bias,
+        o_bias=bias,
         sandwich_norm=v2,
         embed_scale=True,
-        attn_scale=hf.query_pre_attn_scalar**-0.5 if v2 else head_dim**-0.5,
+        attn_scale=hf.query_pre_attn_scalar**-0.5 if v2 else fields["head_dim"] ** -0.5,
         attn_softcap=(getattr(hf, "attn_logit_softcapping", None) or 0.0) if v2 else 0.0,
         final_softcap=(getattr(hf, "final_logit_softcapping", None) or 0.0) if v2 else 0.0,
-        windows=windows_from_hf(hf),
-        tie_embeddings=bool(hf.tie_word_embeddings),
-        init_std=getattr(hf, "initializer_range", 0.02),
-        hf_config_json=json.dumps(hf.to_dict()),
     )
 
 

@@ -36,12 +36,11 @@ def rope_from_hf(hf) -> tuple:
     return tuple(sorted(rope.items()))
 
 
-def config_from_hf(hf) -> DecoderConfig:
-    kind = hf.model_type
+def shared_fields(hf) -> dict:
+    """DecoderConfig fields that Llama-like configs (Llama, Mistral, Qwen, Gemma) name the same way."""
     heads = hf.num_attention_heads
-    bias = bool(getattr(hf, "attention_bias", False))
-    return DecoderConfig(
-        model_type=kind,
+    return dict(
+        model_type=hf.model_type,
         vocab_size=hf.vocab_size,
         hidden_size=hf.hidden_size,
         intermediate_size=hf.intermediate_size,
@@ -49,19 +48,27 @@ def config_from_hf(hf) -> DecoderConfig:
         num_heads=heads,
         num_kv_heads=getattr(hf, "num_key_value_heads", None) or heads,
         head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // heads,
-        norm="rms",
         norm_eps=hf.rms_norm_eps,
-        activation=hf.hidden_act,
         max_positions=hf.max_position_embeddings,
         rope=rope_from_hf(hf),
-        qkv_bias=True if kind == "qwen2" else bias,
-        o_bias=False if kind == "qwen2" else bias,
-        mlp_bias=bool(getattr(hf, "mlp_bias", False)),
-        qk_norm=kind == "qwen3",
         windows=windows_from_hf(hf),
         tie_embeddings=bool(hf.tie_word_embeddings),
         init_std=getattr(hf, "initializer_range", 0.02),
         hf_config_json=json.dumps(hf.to_dict()),
+    )
+
+
+def config_from_hf(hf) -> DecoderConfig:
+    kind = hf.model_type
+    bias = bool(getattr(hf, "attention_bias", False))
+    return DecoderConfig(
+        **shared_fields(hf),
+        norm="rms",
+        activation=hf.hidden_act,
+        qkv_bias=True if kind == "qwen2" else bias,
+        o_bias=False if kind == "qwen2" else bias,
+        mlp_bias=bool(getattr(hf, "mlp_bias", False)),
+        qk_norm=kind == "qwen3",
     )
 
 
