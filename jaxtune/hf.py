@@ -120,6 +120,7 @@ def state_from_hf(
             if m and path in shapes:
                 layer = int(m.group(1)) if m.groups() else None
                 if layer is not None and layer >= num_layers:
+                    unused.append(key)  # more layers in the checkpoint than config.json declares
                     break
                 sources.setdefault(path, {})[layer] = (key, tx)
                 break

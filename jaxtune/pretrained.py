@@ -55,7 +55,7 @@ def resolve(path: str) -> str:
         raise ValueError(f"{path}: not a model; pass a model directory (with config.json) or a .gguf file")
     if HUB_ID.match(path) and not path.startswith((".", "/")):
         return _hub_snapshot(path)
-    raise FileNotFoundError(f"{path}: no such model directory or .gguf file")
+    raise FileNotFoundError(f"{path}: no such model directory or .gguf file (hub ids look like org/name)")
 
 
 def read_config(model_dir: str):

@@ -86,6 +86,15 @@ def test_missing_and_unexpected_keys_are_listed(hf_dir, tmp_path):
     assert "layers.mlp.up_proj.kernel[layer 1]" in msg and "model.layers.0.extra.weight" in msg
 
 
+def test_checkpoint_with_more_layers_than_config(hf_dir):
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    cfg["num_hidden_layers"] = 2
+    (hf_dir / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError) as e:
+        jaxtune.load_pretrained(str(hf_dir))
+    assert "map to no parameter" in one_line(e) and "model.layers.2.mlp.up_proj.weight" in one_line(e)
+
+
 def test_hub_id_offline_fails_at_once(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path))
