@@ -16,6 +16,12 @@ def hf_dir(tmp_path):
     return tmp_path / "m"
 
 
+def edit_config(hf_dir, **changes):
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    cfg.update(changes)
+    (hf_dir / "config.json").write_text(json.dumps(cfg))
+
+
 def one_line(excinfo):
     msg = str(excinfo.value)
     assert "\n" not in msg, msg
@@ -36,9 +42,7 @@ def test_missing_path(tmp_path):
 
 
 def test_unknown_architecture(hf_dir):
-    cfg = json.loads((hf_dir / "config.json").read_text())
-    cfg["model_type"] = "mamba9"
-    (hf_dir / "config.json").write_text(json.dumps(cfg))
+    edit_config(hf_dir, model_type="mamba9")
     with pytest.raises(ValueError) as e:
         jaxtune.load_pretrained(str(hf_dir))
     msg = one_line(e)
@@ -64,9 +68,7 @@ def test_missing_shard(hf_dir, tmp_path):
 
 
 def test_shape_mismatch_names_file_and_key(hf_dir):
-    cfg = json.loads((hf_dir / "config.json").read_text())
-    cfg["intermediate_size"] = 48
-    (hf_dir / "config.json").write_text(json.dumps(cfg))
+    edit_config(hf_dir, intermediate_size=48)
     with pytest.raises(ValueError) as e:
         jaxtune.load_pretrained(str(hf_dir))
     msg = one_line(e)
@@ -87,9 +89,7 @@ def test_missing_and_unexpected_keys_are_listed(hf_dir, tmp_path):
 
 
 def test_checkpoint_with_more_layers_than_config(hf_dir):
-    cfg = json.loads((hf_dir / "config.json").read_text())
-    cfg["num_hidden_layers"] = 2
-    (hf_dir / "config.json").write_text(json.dumps(cfg))
+    edit_config(hf_dir, num_hidden_layers=2)
     with pytest.raises(ValueError) as e:
         jaxtune.load_pretrained(str(hf_dir))
     assert "map to no parameter" in one_line(e) and "model.layers.2.mlp.up_proj.weight" in one_line(e)
