@@ -96,13 +96,14 @@ def _compile(table) -> list:
 
 
 def state_from_hf(
-    tensors: Mapping, family, cfg, shapes: dict[str, tuple], dtype, num_layers: int
+    tensors: Mapping, family, cfg, shapes: dict[str, tuple], dtype
 ) -> Iterator[tuple[str, np.ndarray]]:
     """Yield (our path, array) for every parameter in ``shapes``, built from checkpoint tensors.
 
     Parameters under ``layers.`` carry a leading layer axis and are assembled from ``{i}`` keys.
     Raises one error listing every unfilled parameter and every unused checkpoint key.
     """
+    num_layers = cfg.num_layers
     table = _compile(family.hf_table(cfg))
     ignored = [re.compile(p) for p in family.IGNORED_KEYS]
     prefix = getattr(family, "KEY_PREFIX", "")
@@ -111,7 +112,7 @@ def state_from_hf(
     unused = []
     for key in tensors:
         name = key
-        if prefix and not name.startswith(prefix) and not any(name == t for t in family.TIED_KEYS):
+        if prefix and not name.startswith(prefix) and name not in family.TIED_KEYS:
             name = prefix + name
         if any(p.fullmatch(name) for p in ignored) or (tied and name in tied):
             continue

@@ -53,7 +53,7 @@ def resolve(path: str) -> str:
         if path.endswith(".gguf"):
             return path
         raise ValueError(f"{path}: not a model; pass a model directory (with config.json) or a .gguf file")
-    if HUB_ID.match(path) and not path.startswith((".", "/")):
+    if HUB_ID.match(path):
         return _hub_snapshot(path)
     raise FileNotFoundError(f"{path}: no such model directory or .gguf file (hub ids look like org/name)")
 
@@ -79,14 +79,18 @@ def read_config(model_dir: str):
     return AutoConfig.from_pretrained(model_dir)
 
 
+def _by_path(state) -> dict:
+    """Variables of a state keyed by dotted path (``layers.attn.q_proj.kernel``), as the tables name them."""
+    return {".".join(map(str, k)): v for k, v in nnx.to_flat_state(state)}
+
+
 def _build(family_mod, cfg, tensors, dtype):
     """Create the model abstractly, then fill each parameter from its checkpoint tensors."""
     abstract = nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(0), dtype=dtype))
     graphdef, state = nnx.split(abstract)
-    flat = dict(nnx.to_flat_state(state))
-    shapes = {".".join(map(str, k)): v.shape for k, v in flat.items()}
-    by_name = {".".join(map(str, k)): v for k, v in flat.items()}
-    for path, arr in hf.state_from_hf(tensors, family_mod, cfg, shapes, np.dtype(dtype), cfg.num_layers):
+    by_name = _by_path(state)
+    shapes = {path: var.shape for path, var in by_name.items()}
+    for path, arr in hf.state_from_hf(tensors, family_mod, cfg, shapes, np.dtype(dtype)):
         by_name[path].set_value(jnp.asarray(arr))
     return nnx.merge(graphdef, state)
 
@@ -125,8 +129,8 @@ def load_tokenizer(path):
 
 def model_state(model) -> dict[str, np.ndarray]:
     """Parameters of a model as host numpy arrays keyed by dotted path."""
-    flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
-    return {".".join(map(str, k)): np.asarray(jax.device_get(v.get_value())) for k, v in flat}
+    params = _by_path(nnx.state(model, nnx.Param))
+    return {path: np.asarray(jax.device_get(v.get_value())) for path, v in params.items()}
 
 
 def save_pretrained(model: CausalLM, out_dir, tokenizer=None, dtype=None, max_shard_bytes=hf.MAX_SHARD_BYTES):
