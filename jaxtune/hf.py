@@ -8,6 +8,7 @@ config.json is an error naming the file and key.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from collections.abc import Callable, Iterator, Mapping
@@ -19,6 +20,8 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 TORCH_BIN = "pytorch_model.bin"
 TORCH_BIN_INDEX = "pytorch_model.bin.index.json"
 MAX_SHARD_BYTES = 5 * 1000**3
+
+log = logging.getLogger(__name__)
 
 
 class Tensors(Mapping):
@@ -95,41 +98,55 @@ def _compile(table) -> list:
     ]
 
 
+def _candidates(key: str, family, cfg) -> list[str]:
+    """Names a checkpoint key may have in our table: as stored (after the family's legacy renames), and
+    with the base-model prefix added, since a bare ``BertModel`` / ``LlamaModel`` saves its keys
+    without ``bert.`` / ``model.``."""
+    for old, new in getattr(family, "KEY_RENAMES", ()):
+        key = re.sub(old, new, key)
+    prefix = family.KEY_PREFIX[cfg.model_type]
+    return [key] if key.startswith(prefix) else [key, prefix + key]
+
+
 def state_from_hf(
-    tensors: Mapping, family, cfg, shapes: dict[str, tuple], dtype
+    tensors: Mapping, family, cfg, table, shapes: dict[str, tuple], dtype, fresh=()
 ) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield (our path, array) for every parameter in ``shapes``, built from checkpoint tensors.
+    """Yield (our path, array) for every parameter in ``shapes``, built from checkpoint tensors through
+    ``table`` (the family's, for one task).
 
     Parameters under ``layers.`` carry a leading layer axis and are assembled from ``{i}`` keys.
-    Raises one error listing every unfilled parameter and every unused checkpoint key.
+    Parameters in ``fresh`` (a new task head) may be absent; the caller initialises them. Checkpoint
+    tensors of another task's head (``family.HEAD_KEYS``) are dropped with a warning. Anything else
+    left over or missing raises one error that lists it all.
     """
     num_layers = cfg.num_layers
-    table = _compile(family.hf_table(cfg))
+    compiled = _compile(table)
     ignored = [re.compile(p) for p in family.IGNORED_KEYS]
-    prefix = getattr(family, "KEY_PREFIX", "")
-    tied = cfg.tie_embeddings and set(family.TIED_KEYS)
+    other_heads = [re.compile(p) for p in family.HEAD_KEYS]
+    tied = set(family.TIED_KEYS) if getattr(cfg, "tie_embeddings", False) else set()
     sources: dict[str, dict] = {}  # our path -> {layer or None: (checkpoint key, transform)}
-    unused = []
+    unused, dropped = [], []
     for key in tensors:
-        name = key
-        if prefix and not name.startswith(prefix) and name not in family.TIED_KEYS:
-            name = prefix + name
-        if any(p.fullmatch(name) for p in ignored) or (tied and name in tied):
+        names = _candidates(key, family, cfg)
+        if any(p.fullmatch(n) for p in ignored for n in names) or tied.intersection(names):
             continue
-        for regex, _, path, tx in table:
-            m = regex.fullmatch(name)
+        found = False
+        for regex, _, path, tx in compiled:
+            m = next((m for m in map(regex.fullmatch, names) if m), None)
             if m and path in shapes:
                 layer = int(m.group(1)) if m.groups() else None
                 if layer is not None and layer >= num_layers:
-                    unused.append(key)  # more layers in the checkpoint than config.json declares
-                    break
+                    break  # more layers in the checkpoint than config.json declares: reported as unused
                 sources.setdefault(path, {})[layer] = (key, tx)
+                found = True
                 break
-        else:
-            unused.append(key)
+        if not found:
+            (dropped if any(p.fullmatch(n) for p in other_heads for n in names) else unused).append(key)
     missing = []
     for path in shapes:
         got = sources.get(path, {})
+        if not got and path in fresh:
+            continue
         wanted = range(num_layers) if path.startswith("layers.") else [None]
         missing += [f"{path}[layer {i}]" if i is not None else path for i in wanted if i not in got]
     if missing or unused:
@@ -138,7 +155,11 @@ def state_from_hf(
             + (f"parameters with no checkpoint tensor: {', '.join(missing)}; " if missing else "")
             + (f"checkpoint tensors that map to no parameter: {', '.join(sorted(unused))}" if unused else "")
         )
+    if dropped:
+        log.warning("not used by this task's model (another head's weights): %s", ", ".join(sorted(dropped)))
     for path, shape in shapes.items():
+        if path not in sources:
+            continue
         per_layer = sources[path]
         inner = shape[1:] if path.startswith("layers.") else shape
         parts = []
@@ -155,12 +176,12 @@ def state_from_hf(
         yield path, (np.stack(parts) if path.startswith("layers.") else parts[0])
 
 
-def state_to_hf(state: Mapping[str, np.ndarray], family, cfg) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield (Hugging Face key, array) for every parameter, unstacking the layer axis."""
-    by_path = {path: (template, tx) for template, path, tx in family.hf_table(cfg)}
+def state_to_hf(state: Mapping[str, np.ndarray], table) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield (Hugging Face key, array) for every parameter through ``table``, unstacking the layer axis."""
+    by_path = {path: (template, tx) for template, path, tx in table}
     for path, arr in state.items():
         if path not in by_path:
-            raise KeyError(f"parameter {path} has no entry in the {cfg.model_type} weight table")
+            raise KeyError(f"parameter {path} has no entry in the weight table")
         template, tx = by_path[path]
         if "{i}" in template:
             for i in range(arr.shape[0]):

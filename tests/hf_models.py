@@ -1,4 +1,4 @@
-"""Tiny random transformers (PyTorch) models for parity tests, one per family variant."""
+"""Tiny random transformers (PyTorch) models for parity tests, one per family variant and task."""
 
 import numpy as np
 import torch
@@ -63,41 +63,68 @@ VARIANTS = {
     "gpt2": ("GPT2Config", None),
 }
 
+ENCODERS = {
+    "bert": ("BertConfig", dict(type_vocab_size=2)),
+    # RoBERTa positions start at pad_token_id + 1, so the table needs two extra rows.
+    "roberta": ("RobertaConfig", dict(type_vocab_size=1, pad_token_id=1, max_position_embeddings=66)),
+    "distilbert": ("DistilBertConfig", None),
+}
 
-def make_config(variant: str):
-    cls, extra = VARIANTS[variant]
-    if extra is None:  # GPT-2 names its fields differently.
+AUTO_CLASS = {
+    "causal_lm": "AutoModelForCausalLM",
+    "sequence_classification": "AutoModelForSequenceClassification",
+    "token_classification": "AutoModelForTokenClassification",
+    "base": "AutoModel",
+}
+
+
+def make_config(variant: str, **changes):
+    """A tiny config; ``changes`` (num_labels, problem_type, pad_token_id, ...) are set on top."""
+    cls, extra = {**VARIANTS, **ENCODERS}[variant]
+    if variant == "gpt2":  # GPT-2 and DistilBERT name their fields differently.
         return transformers.GPT2Config(
             vocab_size=97,
             n_embd=32,
             n_layer=3,
             n_head=4,
             n_positions=64,
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
+            bos_token_id=1,
+            eos_token_id=2,
+            **changes,
         )
-    return getattr(transformers, cls)(**BASE, **extra)
+    if variant == "distilbert":
+        return transformers.DistilBertConfig(
+            vocab_size=97, dim=32, n_layers=3, n_heads=4, hidden_dim=64, max_position_embeddings=64, **changes
+        )
+    return getattr(transformers, cls)(**{**BASE, **extra, **changes})
 
 
-def make_model(variant: str, seed: int = 0, dtype=torch.float32):
-    """A random causal LM whose every parameter (norms and biases included) is perturbed, so that a
-    mix-up between any two tensors shows in the logits."""
+def make_model(variant: str, seed: int = 0, dtype=torch.float32, task: str = "causal_lm", **changes):
+    """A random model for ``task`` whose every parameter (norms and biases included) is perturbed, so
+    that a mix-up between any two tensors shows in the outputs. In eval mode: no dropout."""
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(make_config(variant)).eval()
+    auto = getattr(transformers, AUTO_CLASS[task])
+    model = auto.from_config(make_config(variant, **changes)).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.1)
     return model.to(dtype)
 
 
-def batch(vocab: int, seed: int = 0):
-    """ids [3, 11] with rows: full, right-padded, left-padded; and the matching attention mask."""
+def batch(vocab: int, seed: int = 0, pad_id=None, left=True):
+    """ids [3, 11] with rows: full, right-padded, left-padded (or right-padded again when not ``left``);
+    and the matching attention mask. With ``pad_id``, padding holds it and real tokens never do."""
     rng = np.random.RandomState(seed)
     ids = rng.randint(0, vocab, (3, 11))
     mask = np.ones_like(ids)
     mask[1, 7:] = 0
-    mask[2, :4] = 0
+    if left:
+        mask[2, :4] = 0
+    else:
+        mask[2, 9:] = 0
+    if pad_id is not None:
+        ids = np.where(ids == pad_id, (pad_id + 1) % vocab, ids)
+        ids = np.where(mask == 1, ids, pad_id)
     return ids, mask
 
 

@@ -134,3 +134,60 @@ def test_pytorch_bin_checkpoint_loads(hf_dir, tmp_path):
         np.asarray(jaxtune.load_pretrained(str(out))(ids)),
         np.asarray(jaxtune.load_pretrained(str(hf_dir))(ids)),
     )
+
+
+@pytest.fixture
+def classifier_dir(tmp_path):
+    make_model("bert", task="sequence_classification", num_labels=3).save_pretrained(tmp_path / "c")
+    return tmp_path / "c"
+
+
+def test_num_labels_that_disagree_with_the_checkpoint_head(classifier_dir):
+    with pytest.raises(ValueError) as e:
+        jaxtune.load_pretrained(str(classifier_dir), num_labels=5)
+    msg = one_line(e)
+    assert str(classifier_dir) in msg and "3 labels" in msg and "5" in msg and "new_head=True" in msg
+
+
+def test_unknown_task(classifier_dir):
+    with pytest.raises(ValueError) as e:
+        jaxtune.load_pretrained(str(classifier_dir), task="summarise")
+    msg = one_line(e)
+    assert "'summarise'" in msg and "sequence_classification" in msg
+
+
+def test_head_that_the_architecture_does_not_have(classifier_dir, hf_dir):
+    with pytest.raises(ValueError) as e:
+        jaxtune.load_pretrained(str(classifier_dir), task="causal_lm")
+    assert "bert is an encoder and has no causal_lm head" in one_line(e)
+    with pytest.raises(ValueError) as e:
+        jaxtune.load_pretrained(str(hf_dir), num_labels=3)  # a causal LM has no labels
+    assert "classification tasks" in one_line(e) and "causal_lm" in one_line(e)
+
+
+@pytest.mark.parametrize(
+    "kwargs,words",
+    [
+        (dict(problem_type="ranking"), ["'ranking'", "regression"]),
+        (dict(id2label={0: "a", 2: "b"}), ["0..1", "[0, 2]"]),
+        (dict(id2label=["a", "a"]), ["repeated"]),
+        (dict(num_labels=2, id2label=["a", "b", "c"]), ["num_labels=2", "3 labels"]),
+        (dict(num_labels=0), ["at least 1"]),
+    ],
+)
+def test_bad_label_arguments(hf_dir, kwargs, words):
+    with pytest.raises(ValueError) as e:
+        jaxtune.load_pretrained(str(hf_dir), task="sequence_classification", **kwargs)
+    msg = one_line(e)
+    assert all(w in msg for w in words), msg
+
+
+def test_token_types_for_a_model_without_them(hf_dir, tmp_path):
+    import numpy as np
+
+    make_model("distilbert", task="base").save_pretrained(tmp_path / "d")
+    for path in (hf_dir, tmp_path / "d"):
+        model = jaxtune.load_pretrained(str(path))
+        with pytest.raises(ValueError) as e:
+            model(np.ones((1, 4), int), token_type_ids=np.zeros((1, 4), int))
+        assert "has no token types" in one_line(e)

@@ -14,19 +14,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxtune.models import layers
+from jaxtune.models import heads, layers
 
 
 @dataclasses.dataclass(frozen=True)
-class DecoderConfig:
-    """Architecture of a decoder. Hashable, so it can live in a module's static structure."""
+class DecoderConfig(layers.Sizes):
+    """Architecture of a decoder."""
 
-    model_type: str
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
     num_kv_heads: int
     head_dim: int
     norm: str = "rms"  # rms | rms_one (Gemma) | layer (GPT-2)
@@ -49,6 +43,7 @@ class DecoderConfig:
     windows: tuple = ()  # per layer sliding window; 0 = global attention
     tie_embeddings: bool = False
     init_std: float = 0.02
+    pad_token_id: int = -1  # -1: none; sequence classification then uses the attention mask
     hf_config_json: str = dataclasses.field(default="{}", compare=False)
 
     def __post_init__(self):
@@ -104,33 +99,47 @@ def default_positions(attention_mask_bt, segment_ids_bt, b: int, t: int):
     return idx
 
 
-class CausalLM(nnx.Module):
-    """Decoder-only language model: ``model(input_ids, attention_mask=None) -> logits [b, t, vocab]``."""
+class Decoder(nnx.Module):
+    """Decoder-only transformer with a task head.
 
-    def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
-        self.cfg = cfg
+    ``model(input_ids, attention_mask=None) ->`` next-token logits ``[b, t, vocab]`` (``causal_lm``),
+    label logits ``[b, labels]`` classified from the last non-padding token
+    (``sequence_classification``), ``[b, t, labels]`` (``token_classification``), or the final-norm
+    hidden states ``[b, t, d]`` (``base``).
+    """
+
+    def __init__(
+        self, cfg: DecoderConfig, task: heads.Task = heads.CAUSAL_LM, *, rngs: nnx.Rngs, dtype=jnp.float32
+    ):
+        self.cfg, self.task = cfg, task
         init = layers.normal(cfg.init_std)
         self.embed = layers.param(rngs, init, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dtype)
         if cfg.position == "learned":
             self.pos_embed = layers.param(
                 rngs, init, (cfg.max_positions, cfg.hidden_size), ("position", "embed"), dtype
             )
-
-        @nnx.split_rngs(splits=cfg.num_layers)
-        @nnx.vmap(
-            in_axes=0, out_axes=0, axis_size=cfg.num_layers, transform_metadata={nnx.PARTITION_NAME: "layers"}
-        )
-        def stacked(rngs):
-            return Block(cfg, rngs=rngs, dtype=dtype)
-
-        self.layers = stacked(rngs)
+        self.layers = layers.stack(cfg.num_layers, lambda r: Block(cfg, rngs=r, dtype=dtype), rngs)
         self.final_norm = layers.Norm(
             cfg.hidden_size, cfg.norm, cfg.norm_eps, rngs=rngs, dtype=dtype, names=("embed",)
         )
-        if not cfg.tie_embeddings:
+        if task.name == "causal_lm" and not cfg.tie_embeddings:
             self.lm_head = layers.param(
                 rngs, init, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dtype
             )
+        for name, module in self.make_head(cfg, task, rngs=rngs, dtype=dtype).items():
+            setattr(self, name, module)
+
+    @staticmethod
+    def make_head(cfg: DecoderConfig, task: heads.Task, *, rngs, dtype) -> dict:
+        """Classification heads: transformers' ``score`` layer, with a bias only for token classification."""
+        if task.name not in heads.CLASSIFICATION:
+            return {}
+        bias = task.name == "token_classification"
+        return {
+            "score": heads.dense(
+                cfg.hidden_size, task.num_labels, "labels", bias, cfg.init_std, rngs=rngs, dtype=dtype
+            )
+        }
 
     def hidden_states(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None):
         """Final-norm hidden states ``[b, t, d]``."""
@@ -142,21 +151,17 @@ class CausalLM(nnx.Module):
         if position_ids is None:
             position_ids = default_positions(attention_mask, segment_ids, b, t)
         position_ids = jnp.asarray(position_ids)
-        embed = self.embed[...]
-        x_btd = embed[input_ids]
+        x_btd = self.embed[...][input_ids]
         if cfg.embed_scale:
             x_btd = x_btd * jnp.asarray(cfg.hidden_size**0.5, dtype=x_btd.dtype)
         if cfg.position == "learned":
             x_btd = x_btd + self.pos_embed[...][position_ids]
 
-        graphdef, stacked_state = nnx.split(self.layers)
-
-        def body(x_btd, xs):
-            layer_state, window = xs
+        def step(block, x_btd, window):
             mask_bts = layers.attention_mask_bts(attention_mask, segment_ids, t, window)
-            return nnx.merge(graphdef, layer_state)(x_btd, position_ids, mask_bts), None
+            return block(x_btd, position_ids, mask_bts)
 
-        x_btd, _ = jax.lax.scan(body, x_btd, (stacked_state, jnp.asarray(cfg.windows, jnp.int32)))
+        x_btd = layers.scan(self.layers, x_btd, jnp.asarray(cfg.windows, jnp.int32), step)
         return self.final_norm(x_btd)
 
     def logits(self, x_btd):
@@ -169,5 +174,18 @@ class CausalLM(nnx.Module):
             logits = jnp.tanh(logits / self.cfg.final_softcap) * self.cfg.final_softcap
         return logits
 
-    def __call__(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None):
-        return self.logits(self.hidden_states(input_ids, attention_mask, position_ids, segment_ids))
+    def __call__(
+        self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, segment_ids=None
+    ):
+        if token_type_ids is not None:
+            raise ValueError(f"{self.cfg.model_type} has no token types; pass token_type_ids=None")
+        x_btd = self.hidden_states(input_ids, attention_mask, position_ids, segment_ids)
+        task = self.task.name
+        if task == "causal_lm":
+            return self.logits(x_btd)
+        if task == "sequence_classification":
+            last_b = heads.last_token_index(jnp.asarray(input_ids), attention_mask, self.cfg.pad_token_id)
+            x_btd = x_btd[jnp.arange(x_btd.shape[0]), last_b]
+        if task == "base":
+            return x_btd
+        return self.score(x_btd)

@@ -7,13 +7,23 @@ embeddings. Gemma 2 adds norms after attention and MLP, attention and final logi
 
 from __future__ import annotations
 
-from jaxtune.models.decoder import DecoderConfig
-from jaxtune.models.llama import attention_entries, gated_mlp_entries, shared_fields
-from jaxtune.models.weights import FLAT, IDENT, LINEAR
+from jaxtune.models import heads
+from jaxtune.models.decoder import Decoder, DecoderConfig
+from jaxtune.models.llama import (  # noqa: F401  (HEAD_KEYS, IGNORED_KEYS, TIED_KEYS: same as Llama's)
+    HEAD_KEYS,
+    IGNORED_KEYS,
+    TIED_KEYS,
+    attention_entries,
+    gated_mlp_entries,
+    head_entries,
+    shared_fields,
+)
+from jaxtune.models.weights import FLAT, IDENT
 
+MODEL = Decoder
 MODEL_TYPES = ("gemma", "gemma2")
-IGNORED_KEYS = (r".*\.rotary_emb\.inv_freq",)
-TIED_KEYS = ("lm_head.weight",)
+CLASS_PREFIX = {"gemma": "Gemma", "gemma2": "Gemma2"}
+KEY_PREFIX = dict.fromkeys(MODEL_TYPES, "model.")
 
 
 def config_from_hf(hf) -> DecoderConfig:
@@ -35,7 +45,7 @@ def config_from_hf(hf) -> DecoderConfig:
     )
 
 
-def hf_table(cfg: DecoderConfig) -> tuple:
+def hf_table(cfg: DecoderConfig, task: heads.Task) -> tuple:
     layer = "model.layers.{i}."
     if cfg.sandwich_norm:
         norms = (
@@ -52,7 +62,7 @@ def hf_table(cfg: DecoderConfig) -> tuple:
     return (
         ("model.embed_tokens.weight", "embed", IDENT),
         ("model.norm.weight", "final_norm.weight", FLAT),
-        ("lm_head.weight", "lm_head", LINEAR),
+        *head_entries(task),
         *norms,
         *attention_entries(layer),
         *gated_mlp_entries(layer),

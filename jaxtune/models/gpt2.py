@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import json
 
-from jaxtune.models.decoder import DecoderConfig
-from jaxtune.models.weights import CONV1D, CONV1D_IN2, FLAT, IDENT
+from jaxtune.models import heads
+from jaxtune.models.decoder import Decoder, DecoderConfig
+from jaxtune.models.llama import head_entries, pad_token_id
+from jaxtune.models.weights import CONV1D, CONV1D_IN2, IDENT, dense, layer_norm
 
+MODEL = Decoder
 MODEL_TYPES = ("gpt2",)
+CLASS_PREFIX = {"gpt2": "GPT2"}
+CLASS_NAMES = {"causal_lm": "GPT2LMHeadModel"}  # where the name is not prefix + task suffix
+# Checkpoints of the bare GPT2Model have no ``transformer.`` prefix.
+KEY_PREFIX = {"gpt2": "transformer."}
 # The causal-mask buffers of old checkpoints (``h.0.attn.bias``), not the c_attn/c_proj biases.
 IGNORED_KEYS = (r".*\.attn\.(masked_)?bias",)
 TIED_KEYS = ("lm_head.weight",)
-# Checkpoints of the bare GPT2Model have no ``transformer.`` prefix.
-KEY_PREFIX = "transformer."
+HEAD_KEYS = (r"lm_head\..*", r"score\..*", r"classifier\..*", r"qa_outputs\..*", r"multiple_choice_head\..*")
 
 
 def config_from_hf(hf) -> DecoderConfig:
@@ -42,27 +48,24 @@ def config_from_hf(hf) -> DecoderConfig:
         attn_scale=(d // heads) ** -0.5 if hf.scale_attn_weights else 1.0,
         tie_embeddings=True,
         init_std=hf.initializer_range,
+        pad_token_id=pad_token_id(hf),
         hf_config_json=json.dumps(hf.to_dict()),
     )
 
 
-def hf_table(cfg: DecoderConfig) -> tuple:
+def hf_table(cfg: DecoderConfig, task: heads.Task) -> tuple:
     h = "transformer.h.{i}."
+    # The tied LM head has no tensor of its own.
+    head = () if task.name == "causal_lm" else head_entries(task, token_classifier="classifier")
     return (
+        *head,
         ("transformer.wte.weight", "embed", IDENT),
         ("transformer.wpe.weight", "pos_embed", IDENT),
-        ("transformer.ln_f.weight", "final_norm.weight", FLAT),
-        ("transformer.ln_f.bias", "final_norm.bias", FLAT),
-        (h + "ln_1.weight", "layers.attn_norm.weight", FLAT),
-        (h + "ln_1.bias", "layers.attn_norm.bias", FLAT),
-        (h + "ln_2.weight", "layers.mlp_norm.weight", FLAT),
-        (h + "ln_2.bias", "layers.mlp_norm.bias", FLAT),
-        (h + "attn.c_attn.weight", "layers.attn.qkv_proj.kernel", CONV1D),
-        (h + "attn.c_attn.bias", "layers.attn.qkv_proj.bias", FLAT),
-        (h + "attn.c_proj.weight", "layers.attn.o_proj.kernel", CONV1D_IN2),
-        (h + "attn.c_proj.bias", "layers.attn.o_proj.bias", FLAT),
-        (h + "mlp.c_fc.weight", "layers.mlp.up_proj.kernel", CONV1D),
-        (h + "mlp.c_fc.bias", "layers.mlp.up_proj.bias", FLAT),
-        (h + "mlp.c_proj.weight", "layers.mlp.down_proj.kernel", CONV1D),
-        (h + "mlp.c_proj.bias", "layers.mlp.down_proj.bias", FLAT),
+        *layer_norm("transformer.ln_f", "final_norm"),
+        *layer_norm(h + "ln_1", "layers.attn_norm"),
+        *layer_norm(h + "ln_2", "layers.mlp_norm"),
+        *dense(h + "attn.c_attn", "layers.attn.qkv_proj", CONV1D),
+        *dense(h + "attn.c_proj", "layers.attn.o_proj", CONV1D_IN2),
+        *dense(h + "mlp.c_fc", "layers.mlp.up_proj", CONV1D),
+        *dense(h + "mlp.c_proj", "layers.mlp.down_proj", CONV1D),
     )

@@ -11,6 +11,7 @@ module maps those names to mesh axes; no parameter exists without them.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -19,7 +20,34 @@ import numpy as np
 from flax import nnx
 
 # Logical axis names used on parameters. Kept in one place so sharding rules can be checked against it.
-AXIS_NAMES = ("layers", "vocab", "embed", "mlp", "heads", "kv_heads", "head_dim", "qkv", "position", "norm")
+# ``types``: BERT token types; ``labels``: classifier outputs. Both are small and stay replicated.
+AXIS_NAMES = (
+    "layers",
+    "vocab",
+    "embed",
+    "mlp",
+    "heads",
+    "kv_heads",
+    "head_dim",
+    "qkv",
+    "position",
+    "norm",
+    "types",
+    "labels",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+    """The sizes every architecture config starts with (DecoderConfig, EncoderConfig). Configs are
+    frozen, hence hashable, so they can live in a module's static structure."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
 
 
 def param(rngs: nnx.Rngs, init, shape, names, dtype) -> nnx.Param:
@@ -28,6 +56,32 @@ def param(rngs: nnx.Rngs, init, shape, names, dtype) -> nnx.Param:
     for name in names:
         assert name in AXIS_NAMES, name
     return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=tuple(names), eager_sharding=False)
+
+
+def stack(num_layers: int, make_block, rngs: nnx.Rngs):
+    """``num_layers`` blocks with their parameters stacked on a leading ``layers`` axis."""
+
+    @nnx.split_rngs(splits=num_layers)
+    @nnx.vmap(in_axes=0, out_axes=0, axis_size=num_layers, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def build(rngs):
+        return make_block(rngs)
+
+    return build(rngs)
+
+
+def scan(stacked, x, per_layer, step):
+    """Run stacked blocks in order with ``jax.lax.scan``: ``x = step(block, x, per_layer[i])``.
+
+    One traced body for all layers keeps compile time flat in depth.
+    """
+    graphdef, state = nnx.split(stacked)
+
+    def body(x, inputs):
+        layer_state, xs = inputs
+        return step(nnx.merge(graphdef, layer_state), x, xs), None
+
+    x, _ = jax.lax.scan(body, x, (state, per_layer))
+    return x
 
 
 normal = nnx.initializers.normal
@@ -115,15 +169,16 @@ def apply_rope(x_btnh, positions_bt, inv_freq_h2, factor: float):
     return x_btnh * cos + rotated * sin
 
 
-def attention_mask_bts(attention_mask_bs, segment_ids_bt, length: int, window):
-    """Boolean mask [b, t, s]: causal, not padding, same segment, and inside the sliding window.
+def attention_mask_bts(attention_mask_bs, segment_ids_bt, length: int, window=0, causal: bool = True):
+    """Boolean mask [b, t, s]: causal (decoders), not padding, same segment, inside the sliding window.
 
     ``window`` is a traced scalar (0 = global) so layers with different windows share one scanned body.
     """
     idx = jnp.arange(length)
     q, k = idx[:, None], idx[None, :]
-    mask = (k <= q)[None]
-    mask = mask & jnp.where(window > 0, k > q - window, True)[None]
+    mask = (k <= q)[None] if causal else jnp.ones((1, length, length), bool)
+    if causal:
+        mask = mask & jnp.where(window > 0, k > q - window, True)[None]
     if attention_mask_bs is not None:
         mask = mask & (attention_mask_bs[:, None, :] > 0)
     if segment_ids_bt is not None:

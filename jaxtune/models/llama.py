@@ -8,14 +8,22 @@ from __future__ import annotations
 
 import json
 
-from jaxtune.models.decoder import DecoderConfig
-from jaxtune.models.weights import FLAT, IDENT, LINEAR, LINEAR_IN2
+from jaxtune.models import heads
+from jaxtune.models.decoder import Decoder, DecoderConfig
+from jaxtune.models.weights import FLAT, IDENT, LINEAR, LINEAR_IN2, dense
 
+MODEL = Decoder
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+# transformers class names are this prefix + the task's suffix (LlamaForCausalLM, ...).
+CLASS_PREFIX = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
+# The base model's attribute name; a bare LlamaModel checkpoint stores its keys without it.
+KEY_PREFIX = dict.fromkeys(MODEL_TYPES, "model.")
 # Buffers some older checkpoints carry; they hold no parameter.
 IGNORED_KEYS = (r".*\.rotary_emb\.inv_freq",)
 # A tied checkpoint may still store the head; it is the embedding.
 TIED_KEYS = ("lm_head.weight",)
+# Weights of task heads: a model built for another task drops them, with a warning.
+HEAD_KEYS = (r"lm_head\..*", r"score\..*", r"qa_outputs\..*")
 
 
 def windows_from_hf(hf) -> tuple:
@@ -54,8 +62,14 @@ def shared_fields(hf) -> dict:
         windows=windows_from_hf(hf),
         tie_embeddings=bool(hf.tie_word_embeddings),
         init_std=getattr(hf, "initializer_range", 0.02),
+        pad_token_id=pad_token_id(hf),
         hf_config_json=json.dumps(hf.to_dict()),
     )
+
+
+def pad_token_id(hf) -> int:
+    pad = getattr(hf, "pad_token_id", None)
+    return -1 if pad is None else int(pad)
 
 
 def config_from_hf(hf) -> DecoderConfig:
@@ -72,13 +86,13 @@ def config_from_hf(hf) -> DecoderConfig:
     )
 
 
-def hf_table(cfg: DecoderConfig) -> tuple:
+def hf_table(cfg: DecoderConfig, task: heads.Task) -> tuple:
     """Hugging Face key template -> (our parameter path, transform). ``{i}`` is the layer index."""
     layer = "model.layers.{i}."
     return (
         ("model.embed_tokens.weight", "embed", IDENT),
         ("model.norm.weight", "final_norm.weight", FLAT),
-        ("lm_head.weight", "lm_head", LINEAR),
+        *head_entries(task),
         (layer + "input_layernorm.weight", "layers.attn_norm.weight", FLAT),
         (layer + "post_attention_layernorm.weight", "layers.mlp_norm.weight", FLAT),
         *attention_entries(layer),
@@ -99,10 +113,17 @@ def attention_entries(layer: str) -> tuple:
 
 def gated_mlp_entries(layer: str) -> tuple:
     return tuple(
-        entry
-        for p in ("gate", "up", "down")
-        for entry in (
-            (f"{layer}mlp.{p}_proj.weight", f"layers.mlp.{p}_proj.kernel", LINEAR),
-            (f"{layer}mlp.{p}_proj.bias", f"layers.mlp.{p}_proj.bias", FLAT),
-        )
+        e for p in ("gate", "up", "down") for e in dense(f"{layer}mlp.{p}_proj", f"layers.mlp.{p}_proj")
     )
+
+
+def head_entries(task: heads.Task, token_classifier: str = "score") -> tuple:
+    """The task head of a decoder: ``lm_head``, or transformers' ``score`` layer (GPT-2 names its token
+    classifier ``classifier``)."""
+    if task.name == "causal_lm":
+        return (("lm_head.weight", "lm_head", LINEAR),)
+    if task.name == "sequence_classification":
+        return (("score.weight", "score.kernel", LINEAR),)
+    if task.name == "token_classification":
+        return dense(token_classifier, "score")
+    return ()

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from jaxtune.models import gemma, gpt2, llama
+from jaxtune.models import bert, distilbert, gemma, gpt2, heads, llama
 
-FAMILIES = {t: fam for fam in (llama, gemma, gpt2) for t in fam.MODEL_TYPES}
+FAMILIES = {t: fam for fam in (llama, gemma, gpt2, bert, distilbert) for t in fam.MODEL_TYPES}
 
 
 def family(model_type: str, where: str):
@@ -15,3 +15,9 @@ def family(model_type: str, where: str):
             f"supported: {', '.join(sorted(FAMILIES))}"
         )
     return FAMILIES[model_type]
+
+
+def class_name(fam, cfg, task) -> str:
+    """The transformers class a model exports as (``LlamaForSequenceClassification``, ...)."""
+    special = getattr(fam, "CLASS_NAMES", {})
+    return special.get(task.name) or fam.CLASS_PREFIX[cfg.model_type] + heads.ARCHITECTURE_SUFFIX[task.name]

@@ -42,3 +42,14 @@ LINEAR = Transform(transpose=True)  # torch nn.Linear weight
 LINEAR_IN2 = Transform(transpose=True, in_dims=2)  # o_proj: our [heads, head_dim, d]
 CONV1D = Transform()  # GPT-2 Conv1D weight, already [in, out]
 CONV1D_IN2 = Transform(in_dims=2)
+
+
+def dense(theirs: str, ours: str, tx: Transform = LINEAR) -> tuple:
+    """Table entries of a layer with a bias: ``theirs.weight`` / ``theirs.bias`` -> ``ours.kernel`` /
+    ``ours.bias``."""
+    return ((f"{theirs}.weight", f"{ours}.kernel", tx), (f"{theirs}.bias", f"{ours}.bias", FLAT))
+
+
+def layer_norm(theirs: str, ours: str) -> tuple:
+    """Table entries of a LayerNorm: scale and bias."""
+    return ((f"{theirs}.weight", f"{ours}.weight", FLAT), (f"{theirs}.bias", f"{ours}.bias", FLAT))
