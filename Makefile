@@ -27,7 +27,8 @@ install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
 demo: install
-	HF_HUB_OFFLINE=1 $(BIN)/python -m jaxtune.demo
+	rm -rf runs/quickstart
+	HF_HUB_OFFLINE=1 $(BIN)/python -m jaxtune.train --config configs/quickstart.py --workdir runs/quickstart
 
 lint: install-test
 	$(BIN)/ruff check jaxtune tests configs benchmarks tpu_scripts

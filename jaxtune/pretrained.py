@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxtune import hf
+from jaxtune import hf, sharding
 from jaxtune.models import heads
 from jaxtune.models.encoder import Encoder
 from jaxtune.models.registry import class_name, family
@@ -92,12 +92,21 @@ def _head_layer(path: str) -> bool:
     return path.split(".")[0] in ("score", "classifier")
 
 
-def _build(fam, cfg, task: heads.Task, tensors, dtype, seed: int, new_head: bool):
+def _build(fam, cfg, task: heads.Task, tensors, dtype, seed: int, new_head: bool, mesh=None, rules=()):
     """Create the model abstractly, fill each parameter from its checkpoint tensor, and initialise the
-    head parameters the checkpoint does not have (seeded, as transformers initialises them)."""
+    head parameters the checkpoint does not have (seeded, as transformers initialises them).
+
+    With a ``mesh``, each tensor goes straight into its shards (``rules`` map logical axis names to
+    mesh axes): the host holds one tensor at a time, never a replicated copy of the model."""
     abstract = nnx.eval_shape(lambda: fam.MODEL(cfg, task, rngs=nnx.Rngs(seed), dtype=dtype))
     graphdef, state = nnx.split(abstract)
     by_name = _by_path(state)
+
+    def place(path, arr):
+        if mesh is None:
+            return jnp.asarray(arr)
+        return sharding.put(np.asarray(arr), sharding.param_sharding(by_name[path], mesh, rules))
+
     shapes = {path: var.shape for path, var in by_name.items()}
     fresh_heads = fam.MODEL.make_head(cfg, task, rngs=nnx.Rngs(seed), dtype=dtype)
     head_paths = {path for path in shapes if path.split(".")[0] in fresh_heads}
@@ -106,7 +115,7 @@ def _build(fam, cfg, task: heads.Task, tensors, dtype, seed: int, new_head: bool
         table = [entry for entry in table if not _head_layer(entry[1])]
     loaded = set()
     for path, arr in hf.state_from_hf(tensors, fam, cfg, table, shapes, np.dtype(dtype), fresh=head_paths):
-        by_name[path].set_value(jnp.asarray(arr))
+        by_name[path].set_value(place(path, arr))
         loaded.add(path)
     fresh = sorted(head_paths - loaded)
     if fresh:
@@ -116,7 +125,7 @@ def _build(fam, cfg, task: heads.Task, tensors, dtype, seed: int, new_head: bool
             for sub, v in _by_path(nnx.state(mod)).items()
         }
         for path in fresh:
-            by_name[path].set_value(init[path].get_value())
+            by_name[path].set_value(place(path, init[path].get_value()))
         log.warning(
             "%s head with %d label(s) %s initialised from seed %d, not in the checkpoint: %s; train it",
             task.name,
@@ -174,6 +183,8 @@ def load_pretrained(
     problem_type=None,
     new_head=False,
     seed=0,
+    mesh=None,
+    rules=(),
 ):
     """Load a pretrained model from a Hugging Face directory, a hub id or a GGUF file.
 
@@ -183,6 +194,8 @@ def load_pretrained(
     (``num_labels`` must then match it, unless ``new_head=True`` asks for a fresh one); otherwise the head
     is initialised from ``seed`` as transformers would, with ``num_labels`` / ``id2label`` labels and
     ``problem_type`` (single_label_classification, multi_label_classification or regression).
+    With a ``mesh``, parameters are loaded straight into their shards (``rules``: logical axis name ->
+    mesh axes, as in config.mesh.rules).
 
     Returns a model callable as ``model(input_ids, attention_mask=None, token_type_ids=None)`` giving
     logits ``[b, t, vocab]``, ``[b, labels]`` or ``[b, t, labels]``, or hidden states for ``base``.
@@ -199,11 +212,51 @@ def load_pretrained(
     fam = family(hf_config.model_type, local)
     cfg = fam.config_from_hf(hf_config)
     spec = resolve_task(hf_config, fam, local, task, num_labels, id2label, problem_type, new_head)
-    return _build(fam, cfg, spec, tensors, dtype, seed, new_head)
+    return _build(fam, cfg, spec, tensors, dtype, seed, new_head, mesh, rules)
+
+
+BYTES = "bytes"
+
+
+def byte_tokenizer():
+    """A tokenizer with one id per byte (0-255) and ``<|endoftext|>`` (256) as EOS and padding: enough
+    for models trained from scratch in tests and smoke runs, and exportable like any other."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    # ByteLevel maps bytes to printable characters in byte order; number them 0-255 in that order.
+    byte_chars = sorted(alphabet, key=lambda ch: _BYTE_OF[ch])
+    tok = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(byte_chars)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    eos = "<|endoftext|>"
+    tok.add_special_tokens([eos])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, pad_token=eos)
+
+
+def _byte_chars() -> dict:
+    # GPT-2's byte -> printable character table: printable Latin-1 bytes map to themselves, the rest to
+    # 256 + n in byte order.
+    keep = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+_BYTE_OF = _byte_chars()
 
 
 def load_tokenizer(path):
-    """The tokenizer of a model directory, hub id or GGUF file (transformers' fast tokenizer)."""
+    """The tokenizer of a model directory, hub id or GGUF file (transformers' fast tokenizer), or
+    jaxtune's byte tokenizer for ``"bytes"``."""
+    if path == BYTES:
+        return byte_tokenizer()
     local = resolve(path)
     if local.endswith(".gguf"):
         from jaxtune import gguf
@@ -220,22 +273,18 @@ def model_state(model) -> dict[str, np.ndarray]:
     return {path: np.asarray(jax.device_get(v.get_value())) for path, v in params.items()}
 
 
-def save_pretrained(model, out_dir, tokenizer=None, dtype=None, max_shard_bytes=hf.MAX_SHARD_BYTES):
-    """Write config.json + safetensors (sharded with an index above 5 GB) + tokenizer files, so that
-    ``transformers.AutoModelFor<Task>.from_pretrained(out_dir)`` loads it with no missing keys.
+def write_config(model, out_dir, dtype: str, tokenizer=None) -> None:
+    """config.json (and the tokenizer's files): what transformers reads to rebuild the model, and what a
+    training run keeps in ``workdir/model/`` to rebuild its model from a checkpoint.
 
     config.json names the task's transformers class in ``architectures`` and, for classifiers, carries
     ``id2label``, ``label2id`` and ``problem_type``."""
     cfg, task = model.cfg, model.task
     fam = family(cfg.model_type, "model")
-    state = model_state(model)
-    if dtype is not None:
-        state = {k: v.astype(jnp.dtype(dtype)) for k, v in state.items()}
-    out_dtype = str(jnp.dtype(next(iter(state.values())).dtype))
     os.makedirs(out_dir, exist_ok=True)
     config = json.loads(cfg.hf_config_json)
     config.pop("torch_dtype", None)
-    config["dtype"] = out_dtype
+    config["dtype"] = dtype
     config["architectures"] = [class_name(fam, cfg, task)]
     config.update(heads.config_fields(task))
     if (
@@ -247,7 +296,45 @@ def save_pretrained(model, out_dir, tokenizer=None, dtype=None, max_shard_bytes=
         config["pad_token_id"] = tokenizer.pad_token_id
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)
-    hf.write_safetensors(out_dir, hf.state_to_hf(state, fam.hf_table(cfg, task)), max_shard_bytes)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
+
+
+def save_pretrained(model, out_dir, tokenizer=None, dtype=None, max_shard_bytes=hf.MAX_SHARD_BYTES):
+    """Write config.json + safetensors (sharded with an index above 5 GB) + tokenizer files, so that
+    ``transformers.AutoModelFor<Task>.from_pretrained(out_dir)`` loads it with no missing keys."""
+    cfg, task = model.cfg, model.task
+    fam = family(cfg.model_type, "model")
+    state = model_state(model)
+    if dtype is not None:
+        state = {k: v.astype(jnp.dtype(dtype)) for k, v in state.items()}
+    write_config(model, out_dir, str(jnp.dtype(next(iter(state.values())).dtype)), tokenizer)
+    hf.write_safetensors(out_dir, hf.state_to_hf(state, fam.hf_table(cfg, task)), max_shard_bytes)
     return out_dir
+
+
+def model_from_config(hf_config, dtype=jnp.float32, *, task=None, seed=0, mesh=None, rules=()):
+    """A freshly initialised model (random weights, as transformers initialises them) for a transformers
+    config object: training from scratch. With a ``mesh``, each parameter is created in its shards."""
+    fam = family(hf_config.model_type, "config")
+    cfg = fam.config_from_hf(hf_config)
+    spec = resolve_task(hf_config, fam, "config", task)
+    dtype = jnp.dtype(dtype)
+
+    def create():
+        return fam.MODEL(cfg, spec, rngs=nnx.Rngs(seed), dtype=dtype)
+
+    graphdef, abstract = nnx.split(nnx.eval_shape(create))
+    out = None if mesh is None else sharding.state_shardings(abstract, mesh, rules)
+    state = jax.jit(lambda: nnx.to_pure_dict(nnx.state(create())), out_shardings=out)()
+    return nnx.merge(graphdef, state)
+
+
+def abstract_model(model_dir: str, dtype=jnp.float32):
+    """The model a config.json describes (its task from ``architectures``), with abstract parameters:
+    shapes and dtypes only, to restore a checkpoint into."""
+    hf_config = read_config(model_dir)
+    fam = family(hf_config.model_type, model_dir)
+    spec = resolve_task(hf_config, fam, model_dir)
+    cfg = fam.config_from_hf(hf_config)
+    return nnx.eval_shape(lambda: fam.MODEL(cfg, spec, rngs=nnx.Rngs(0), dtype=jnp.dtype(dtype)))

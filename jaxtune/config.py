@@ -1,0 +1,243 @@
+"""Run configuration: the defaults every config in configs/ starts from, and ``validate(config)``.
+
+A config file is ``configs/x.py`` with ``get_config(arg=None) -> ConfigDict`` that starts from
+:func:`defaults` and changes what it needs. ``validate`` runs at start-up, before anything is compiled,
+and turns each mistake into one line naming the key, the value and the fix.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+
+import ml_collections
+
+DTYPES = ("float32", "bfloat16", "float16")
+OPTIMIZERS = ("adamw", "adafactor", "lion", "sgd")
+SCHEDULES = ("constant", "linear", "cosine", "wsd", "inverse_sqrt")
+REMAT = ("none", "full", "dots")
+FORMATS = ("text", "chatterbot")
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axis name -> mesh axes. Parameters: FSDP shards the model width, tensor parallelism the MLP,
+# heads and vocabulary. Activations: the batch over data x fsdp. Names missing here stay replicated.
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+)
+
+
+def defaults() -> ml_collections.ConfigDict:
+    """Every key a run understands, with its default. Configs override values, never add keys."""
+    c = ml_collections.ConfigDict()
+    c.model = dict(
+        path="",  # HF directory, .gguf file, hub id, or a preset name (random init; see models/presets.py)
+        tokenizer="",  # "" = the model's own; a path or hub id; "bytes" = jaxtune's 256-byte tokenizer
+        task="causal_lm",
+        param_dtype="float32",  # master weights and optimizer state
+        compute_dtype="float32",  # forward/backward (bfloat16 on TPU/GPU); loss and softmax stay float32
+        remat="none",  # none | full | dots (keep matmul outputs, recompute the rest)
+        loss_chunk_tokens=2048,  # tokens per chunk of the output-layer + cross-entropy computation
+    )
+    c.data = dict(
+        train="",  # file, glob, or comma-separated list
+        eval="",
+        eval_fraction=0.0,  # with no data.eval: hold out this fraction of the training examples
+        format="text",  # text | chatterbot (dialog YAML)
+        seq_len=128,
+    )
+    c.train = dict(
+        batch_size=8,  # global, across all devices and micro-batches
+        max_steps=0,  # 0: run num_epochs
+        num_epochs=1,
+        grad_accum_steps=1,
+        seed=0,
+        log_every=1,
+        peak_tflops=0.0,  # per device, for MFU; 0 = from the device kind
+    )
+    c.optimizer = dict(
+        name="adamw",
+        lr=3e-4,
+        schedule="cosine",
+        warmup_steps=0,
+        min_lr_ratio=0.0,  # final lr / peak lr for linear, cosine and wsd
+        decay_fraction=0.2,  # wsd: the last fraction of steps decays
+        weight_decay=0.0,
+        b1=0.9,
+        b2=0.999,
+        eps=1e-8,
+        momentum=0.0,  # sgd
+        nesterov=False,  # sgd
+        clip_norm=1.0,  # global gradient norm; 0 = no clipping
+        lr_layer_decay=1.0,  # layer i of L (0 = first) gets decay ** (L - i); embeddings decay ** (L + 1)
+        lr_multipliers=(),  # ((regex, multiplier), ...) on parameter paths; first match wins
+        frozen=(),  # (regex, ...): parameters that get no gradient and no optimizer state
+    )
+    c.mesh = dict(data=-1, fsdp=1, tensor=1, rules=DEFAULT_RULES)
+    c.checkpoint = dict(every_steps=0, keep=3, async_save=True)  # every_steps 0: only at the end
+    c.eval = dict(every_steps=0, at_start=False, max_batches=0, batch_size=0)  # 0 batch_size: train's
+    c.sample = dict(prompts=(), max_new_tokens=32)  # generated at the end, printed and saved
+    c.export = dict(at_end=False, dtype="")  # Hugging Face weights in workdir/export
+    return c
+
+
+class ConfigError(ValueError):
+    """A config mistake, in one line naming the key, the value and the fix."""
+
+
+def _flat(d, prefix="") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, ml_collections.ConfigDict | dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _check_type(key, value, default):
+    want = type(default)
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        return
+    if want is tuple and isinstance(value, list):
+        return
+    if not isinstance(value, want) or (want is int and isinstance(value, bool)):
+        raise ConfigError(
+            f"config key {key} = {value!r} is a {type(value).__name__}; it must be a {want.__name__} "
+            f"(like the default {default!r})"
+        )
+
+
+def _one_of(key, value, allowed):
+    if value not in allowed:
+        raise ConfigError(f"config key {key} = {value!r} is not one of {', '.join(map(repr, allowed))}")
+
+
+def _positive(key, value, zero_ok=False):
+    if value < 0 or (value == 0 and not zero_ok):
+        raise ConfigError(f"config key {key} = {value!r} must be {'>= 0' if zero_ok else '> 0'}")
+
+
+def mesh_shape(config, num_devices: int) -> dict:
+    """Mesh axis sizes with the one -1 inferred, checked against the device count."""
+    sizes = {axis: config.mesh[axis] for axis in MESH_AXES}
+    unknown = [a for a, s in sizes.items() if s == -1]
+    for axis, size in sizes.items():
+        if size != -1 and size < 1:
+            raise ConfigError(
+                f"config key mesh.{axis} = {size} must be >= 1, or -1 to use the remaining devices"
+            )
+    if len(unknown) > 1:
+        raise ConfigError(
+            f"config keys {', '.join('mesh.' + a for a in unknown)} are all -1; at most one may be"
+        )
+    known = math.prod(s for s in sizes.values() if s != -1)
+    if unknown:
+        if num_devices % known:
+            raise ConfigError(
+                f"mesh.{unknown[0]} = -1 cannot be inferred: {num_devices} devices are not divisible by the "
+                f"other axes' product {known}; change the mesh sizes"
+            )
+        sizes[unknown[0]] = num_devices // known
+    elif known != num_devices:
+        raise ConfigError(
+            f"mesh data={sizes['data']} x fsdp={sizes['fsdp']} x tensor={sizes['tensor']} = {known} devices, "
+            f"but {num_devices} are available; make the product {num_devices} or set one axis to -1"
+        )
+    return sizes
+
+
+def validate(config, num_devices: int | None = None) -> None:
+    """Raise :class:`ConfigError` for the first mistake in ``config``; return None when it is sound."""
+    known = _flat(defaults())
+    given = _flat(config)
+    for key in given:
+        if key not in known:
+            close = difflib.get_close_matches(key, list(known), n=1)
+            hint = f"; did you mean {close[0]}?" if close else f"; known keys: {', '.join(sorted(known))}"
+            raise ConfigError(f"config key {key} is unknown{hint}")
+    for key, value in given.items():
+        _check_type(key, value, known[key])
+    c = config
+    if not c.model.path:
+        raise ConfigError(
+            "config key model.path is empty; set it to a model directory, .gguf, hub id or preset"
+        )
+    if not c.data.train:
+        raise ConfigError("config key data.train is empty; set it to a text file, glob or list of files")
+    from jaxtune.models import heads
+
+    _one_of("model.task", c.model.task, heads.TASKS)
+    if c.model.task != "causal_lm":
+        raise ConfigError(
+            f"config key model.task = {c.model.task!r}: training supports causal_lm so far; "
+            "classification training comes with the classification workflow"
+        )
+    _one_of("model.param_dtype", c.model.param_dtype, DTYPES)
+    _one_of("model.compute_dtype", c.model.compute_dtype, DTYPES)
+    _one_of("model.remat", c.model.remat, REMAT)
+    _positive("model.loss_chunk_tokens", c.model.loss_chunk_tokens)
+    _one_of("data.format", c.data.format, FORMATS)
+    _positive("data.seq_len", c.data.seq_len)
+    if not 0 <= c.data.eval_fraction < 1:
+        raise ConfigError(f"config key data.eval_fraction = {c.data.eval_fraction} must be in [0, 1)")
+    for key in ("batch_size", "num_epochs", "grad_accum_steps", "log_every"):
+        _positive(f"train.{key}", c.train[key])
+    _positive("train.max_steps", c.train.max_steps, zero_ok=True)
+    _one_of("optimizer.name", c.optimizer.name, OPTIMIZERS)
+    _one_of("optimizer.schedule", c.optimizer.schedule, SCHEDULES)
+    _positive("optimizer.lr", c.optimizer.lr)
+    for key in ("warmup_steps", "weight_decay", "clip_norm", "momentum", "min_lr_ratio"):
+        _positive(f"optimizer.{key}", c.optimizer[key], zero_ok=True)
+    if not 0 < c.optimizer.lr_layer_decay <= 1:
+        raise ConfigError(
+            f"config key optimizer.lr_layer_decay = {c.optimizer.lr_layer_decay} must be in (0, 1]"
+        )
+    _check_patterns(c)
+    for key in ("every_steps", "keep"):
+        _positive(f"checkpoint.{key}", c.checkpoint[key], zero_ok=key == "every_steps")
+    for key in ("every_steps", "max_batches", "batch_size"):
+        _positive(f"eval.{key}", c.eval[key], zero_ok=True)
+    if c.export.dtype:
+        _one_of("export.dtype", c.export.dtype, DTYPES)
+    micro, rem = divmod(c.train.batch_size, c.train.grad_accum_steps)
+    if rem:
+        raise ConfigError(
+            f"config key train.batch_size = {c.train.batch_size} is not divisible by "
+            f"train.grad_accum_steps = {c.train.grad_accum_steps}; make the batch a multiple of it"
+        )
+    if num_devices is not None:
+        sizes = mesh_shape(c, num_devices)
+        shards = sizes["data"] * sizes["fsdp"]
+        for key, batch in (
+            ("train.batch_size / grad_accum_steps", micro),
+            ("eval.batch_size", c.eval.batch_size),
+        ):
+            if batch % shards:
+                raise ConfigError(
+                    f"config key {key} = {batch} is not divisible by the {shards} data shards "
+                    f"(mesh.data x mesh.fsdp); use a multiple of {shards}"
+                )
+
+
+def _check_patterns(c):
+    import re
+
+    for i, item in enumerate(c.optimizer.lr_multipliers):
+        if not (isinstance(item, tuple | list) and len(item) == 2 and isinstance(item[1], int | float)):
+            raise ConfigError(
+                f"config key optimizer.lr_multipliers[{i}] = {item!r} must be a (regex, multiplier) pair"
+            )
+    patterns = [("optimizer.lr_multipliers", p[0]) for p in c.optimizer.lr_multipliers]
+    patterns += [("optimizer.frozen", p) for p in c.optimizer.frozen]
+    for key, pattern in patterns:
+        try:
+            re.compile(pattern)
+        except (re.error, TypeError) as e:
+            raise ConfigError(
+                f"config key {key} has {pattern!r}, which is not a regular expression ({e})"
+            ) from e

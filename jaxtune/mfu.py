@@ -1,0 +1,54 @@
+"""Model FLOPs per token and device peak rates, for tokens/s -> MFU.
+
+FLOPs follow the PaLM appendix convention: 6 x (matmul parameters) per token for forward and
+backward, plus 12 x layers x heads x head_dim x sequence length for attention; rematerialisation is
+not counted (that would be hardware FLOPs utilisation). The embedding lookup is not a matmul; the
+output layer is, tied or not.
+"""
+
+from __future__ import annotations
+
+import jax
+
+# Dense bfloat16 peak per chip, by device_kind substring (first match wins).
+PEAK_FLOPS = (
+    ("v6", 918e12),
+    ("v5p", 459e12),
+    ("v5 lite", 197e12),
+    ("v5e", 197e12),
+    ("v4", 275e12),
+    ("h200", 989e12),
+    ("h100", 989e12),
+    ("a100", 312e12),
+)
+# This project's 2-core CPU machines: a large float32 matmul measured at 150-175 GFLOP/s in all.
+CPU_FLOPS = 160e9
+
+
+def peak_flops_per_device(override_tflops: float = 0.0) -> float:
+    if override_tflops:
+        return override_tflops * 1e12
+    device = jax.devices()[0]
+    kind = device.device_kind.lower()
+    for key, flops in PEAK_FLOPS:
+        if key in kind:
+            return flops
+    if device.platform == "cpu":
+        return CPU_FLOPS / jax.local_device_count()  # forced host devices share the same cores
+    return 0.0
+
+
+def flops_per_token(cfg, seq_len: int) -> float:
+    """Training FLOPs per token of a decoder (forward + backward)."""
+    d, f, n, k, h, L = (
+        cfg.hidden_size,
+        cfg.intermediate_size,
+        cfg.num_heads,
+        cfg.num_kv_heads,
+        cfg.head_dim,
+        cfg.num_layers,
+    )
+    attn_proj = d * h * (2 * n + 2 * k)  # q, o and k, v
+    mlp = d * f * (3 if cfg.gated_mlp else 2)
+    matmul_params = L * (attn_proj + mlp) + d * cfg.vocab_size
+    return 6.0 * matmul_params + 12.0 * L * n * h * seq_len

@@ -1,0 +1,116 @@
+"""Pure training and evaluation steps, and the losses they use. No flags, no I/O: tests import them.
+
+The train state is a dict of nested dicts of arrays: ``params`` (trainable), ``opt_state`` and
+``step``. Frozen parameters travel separately and are never differentiated or updated. A batch is a
+dict: ``input_ids``, ``targets`` (the next token at each position), ``loss_mask`` (1 where the
+target counts), ``attention_mask``, and optionally ``position_ids`` / ``segment_ids``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+MODEL_INPUTS = ("attention_mask", "position_ids", "segment_ids")
+
+
+def cast(tree, dtype):
+    """Floating-point leaves in ``dtype`` (the compute dtype); gradients flow back to the master copy."""
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def causal_lm_loss(model, batch, chunk_tokens: int):
+    """Summed next-token cross-entropy and the number of counted tokens.
+
+    The output layer and the loss run over chunks of ``chunk_tokens`` tokens under ``jax.checkpoint``, so
+    at most one chunk of float32 logits ``[chunk, vocab]`` exists at a time, forward or backward.
+    """
+    x_btd = model.hidden_states(batch["input_ids"], **{k: batch[k] for k in MODEL_INPUTS if k in batch})
+    b, t, d = x_btd.shape
+    n = b * t
+    chunk = min(chunk_tokens, n)
+    pad = -n % chunk
+    x_nd = jnp.pad(x_btd.reshape(n, d), ((0, pad), (0, 0))).reshape(-1, chunk, d)
+    targets = jnp.pad(batch["targets"].reshape(n), (0, pad)).reshape(-1, chunk)
+    weights = jnp.pad(batch["loss_mask"].reshape(n).astype(jnp.float32), (0, pad)).reshape(-1, chunk)
+
+    @jax.checkpoint
+    def chunk_loss(x_cd, target_c, weight_c):
+        logits = model.logits(x_cd[None])[0].astype(jnp.float32)
+        picked = jnp.take_along_axis(logits, target_c[:, None], axis=-1)[:, 0]
+        return jnp.sum((jax.nn.logsumexp(logits, axis=-1) - picked) * weight_c)
+
+    def body(total, xs):
+        return total + chunk_loss(*xs), None
+
+    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (x_nd, targets, weights))
+    return total, jnp.sum(weights)
+
+
+def micro_batches(batch, n: int):
+    """Split a batch into ``n`` micro-batches along a new leading axis. Micro-batch a takes rows a, a+n,
+    a+2n, ...: with rows sharded over devices in contiguous blocks, each micro-batch is spread over
+    every device, so no data moves."""
+    return jax.tree.map(lambda x: jnp.swapaxes(x.reshape(x.shape[0] // n, n, *x.shape[1:]), 0, 1), batch)
+
+
+def make_train_step(
+    graphdef,
+    tx: optax.GradientTransformation,
+    lr_schedule,
+    *,
+    compute_dtype,
+    accum_steps: int,
+    chunk_tokens: int,
+):
+    """``train_step(state, frozen, batch) -> (state, metrics)``; pure, for ``jax.jit``.
+
+    Gradients of the summed loss are accumulated over ``accum_steps`` micro-batches and divided once by
+    the total token count, so accumulation equals one step on the whole batch.
+    """
+
+    def loss_fn(params, frozen, batch):
+        model = nnx.merge(graphdef, cast(params, compute_dtype), cast(frozen, compute_dtype))
+        return causal_lm_loss(model, batch, chunk_tokens)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def train_step(state, frozen, batch):
+        params = state["params"]
+
+        def accumulate(carry, micro):
+            grads, total, count = carry
+            (t, c), g = grad_fn(params, frozen, micro)
+            return (jax.tree.map(jnp.add, grads, g), total + t, count + c), None
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+        (grads, total, count), _ = jax.lax.scan(accumulate, init, micro_batches(batch, accum_steps))
+        denom = jnp.maximum(count, 1.0)
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        new_params = optax.apply_updates(params, updates)
+        new = {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1}
+        metrics = {
+            "loss": total / denom,
+            "tokens": count,
+            "grad_norm": optax.tree.norm(grads),
+            # Non-zero when an update overflowed: the loop then stops before checkpointing it.
+            "nonfinite_params": sum(jnp.sum(~jnp.isfinite(p)) for p in jax.tree.leaves(new_params)),
+            "learning_rate": lr_schedule(state["step"]),
+        }
+        return new, metrics
+
+    return train_step
+
+
+def make_eval_step(graphdef, *, compute_dtype, chunk_tokens: int):
+    """``eval_step(params, frozen, batch) -> (summed loss, token count)``."""
+
+    def eval_step(params, frozen, batch):
+        model = nnx.merge(graphdef, cast(params, compute_dtype), cast(frozen, compute_dtype))
+        return causal_lm_loss(model, batch, chunk_tokens)
+
+    return eval_step

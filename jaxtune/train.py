@@ -1,0 +1,354 @@
+"""Train a model.
+
+    python -m jaxtune.train --config configs/X.py[:arg] [--config.KEY=VALUE ...] --workdir DIR
+
+Config -> mesh -> model (loaded or created straight into its shards) -> data -> one jitted step in a
+loop, with Orbax checkpoints in ``DIR/checkpoints`` (a rerun on the same DIR resumes), metrics in
+``DIR/metrics.jsonl`` and TensorBoard files in DIR. SIGTERM (how TPU VMs are preempted) finishes the
+current step, saves, and exits 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxtune import checkpoint, data, mfu, optim, pretrained, sharding, steps
+from jaxtune.config import ConfigError, validate
+from jaxtune.data.loader import Batches, eval_batches
+from jaxtune.models import presets
+from jaxtune.writers import MetricsWriter
+
+log = logging.getLogger("jaxtune.train")
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (a NaN loss, say); the message names the step and the last good checkpoint."""
+
+
+def load_model(config, mesh, rules):
+    """The model of ``config.model.path`` (a preset name: random init) in ``param_dtype``, in its shards."""
+    c = config.model
+    if c.path in presets.PRESETS:
+        model = pretrained.model_from_config(
+            presets.hf_config(c.path),
+            c.param_dtype,
+            task=c.task,
+            seed=config.train.seed,
+            mesh=mesh,
+            rules=rules,
+        )
+    else:
+        model = pretrained.load_pretrained(
+            c.path, c.param_dtype, task=c.task, seed=config.train.seed, mesh=mesh, rules=rules
+        )
+    model.cfg = dataclasses.replace(model.cfg, remat=c.remat)
+    return model
+
+
+def load_tokenizer(config):
+    name = config.model.tokenizer or config.model.path
+    if name in presets.PRESETS:
+        raise ConfigError(
+            f"config key model.tokenizer is empty and {name!r} is a preset; set model.tokenizer"
+        )
+    return pretrained.load_tokenizer(name)
+
+
+def _device_batch(batch: dict, shard) -> dict:
+    return {k: jax.make_array_from_process_local_data(shard, v) for k, v in batch.items()}
+
+
+def _abstract(tree):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+class _Preemption:
+    """Turns SIGTERM into a flag the loop checks after each step."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: no signal handling (tests in threads)
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        log.warning("SIGTERM: finishing the current step, saving a checkpoint, then exiting")
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def run(config, workdir: str, stop_after: int | None = None, devices=None) -> dict:
+    """Train as ``config`` says, in ``workdir``; returns the last train and eval losses and the step.
+
+    ``stop_after`` ends the run after that many steps in total (with a checkpoint), as a preemption
+    would: a later run on the same workdir continues it. ``devices`` (default: all) carry the mesh.
+    """
+    devices = jax.devices() if devices is None else list(devices)
+    validate(config, len(devices))
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    mesh = sharding.make_mesh(config, devices)
+    rules = tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in config.mesh.rules)
+    tokenizer = load_tokenizer(config)
+    model = load_model(config, mesh, rules)
+    pretrained.write_config(model, os.path.join(workdir, "model"), config.model.param_dtype, tokenizer)
+    cfg, c = model.cfg, config.train
+    if model.cfg.vocab_size < len(tokenizer):
+        raise ConfigError(
+            f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary only {cfg.vocab_size}; "
+            "use the model's own tokenizer (model.tokenizer) or a larger vocabulary"
+        )
+
+    train_rows, eval_rows = data.load(config.data, tokenizer, c.seed)
+    pid, nproc = jax.process_index(), jax.process_count()
+    batches = Batches(train_rows, c.batch_size, c.seed, pid, nproc)
+    total = c.max_steps or c.num_epochs * batches.steps_per_epoch
+
+    graphdef, state = nnx.split(model)
+    shardings = sharding.state_shardings(state, mesh, rules)
+    is_frozen = optim.frozen_matcher(config.optimizer.frozen)
+    frozen, params = optim.split(nnx.to_pure_dict(state), is_frozen)
+    frozen_sh, params_sh = optim.split(shardings, is_frozen)
+    if not params:
+        raise ConfigError(
+            f"config key optimizer.frozen = {config.optimizer.frozen!r} freezes every parameter"
+        )
+    del model, state
+    tx, lr_schedule = optim.make(config.optimizer, params, total, cfg.num_layers)
+    state_sh = {
+        "params": params_sh,
+        "opt_state": sharding.like_params(jax.eval_shape(tx.init, params), params, params_sh, mesh),
+        "step": sharding.replicated(mesh),
+    }
+    train_state = {
+        "params": params,
+        "opt_state": jax.jit(tx.init, out_shardings=state_sh["opt_state"])(params),
+        "step": jax.device_put(jnp.zeros((), jnp.int32), state_sh["step"]),
+    }
+    batch_sh = sharding.batch_sharding(mesh, rules)
+    compute = jnp.dtype(config.model.compute_dtype)
+    step_fn = steps.make_train_step(
+        graphdef,
+        tx,
+        lr_schedule,
+        compute_dtype=compute,
+        accum_steps=c.grad_accum_steps,
+        chunk_tokens=config.model.loss_chunk_tokens,
+    )
+    # state: sharded like the parameters and donated, since the old state is dead after the step;
+    # frozen parameters: read only; batch: rows over (data, fsdp). Metrics come back replicated.
+    train_step = jax.jit(
+        step_fn,
+        in_shardings=(state_sh, frozen_sh, batch_sh),
+        out_shardings=(state_sh, sharding.replicated(mesh)),
+        donate_argnums=0,
+    )
+    eval_step = jax.jit(
+        steps.make_eval_step(graphdef, compute_dtype=compute, chunk_tokens=config.model.loss_chunk_tokens),
+        in_shardings=(params_sh, frozen_sh, batch_sh),
+        out_shardings=sharding.replicated(mesh),
+    )
+
+    ckpt = checkpoint.Checkpoints(workdir, config.checkpoint.keep, config.checkpoint.async_save)
+    start = ckpt.latest() or 0
+    if start:
+        restored = ckpt.restore(
+            start,
+            {
+                "params": _abstract(params),
+                "frozen": _abstract(frozen),
+                "opt_state": _abstract(train_state["opt_state"]),
+            },
+        )
+        train_state = {
+            "params": restored["params"],
+            "opt_state": restored["opt_state"],
+            "step": jax.device_put(jnp.asarray(start, jnp.int32), state_sh["step"]),
+        }
+        frozen = restored["frozen"]
+        batches.restore(restored["meta"]["data"])
+        log.info("resumed from %s at step %d", ckpt.dir, start)
+
+    eval_bs = config.eval.batch_size or c.batch_size
+    tokens_per_step = c.batch_size * config.data.seq_len
+    flops_per_step = mfu.flops_per_token(cfg, config.data.seq_len) * tokens_per_step
+    peak = mfu.peak_flops_per_device(c.peak_tflops) * len(devices)
+    writer = MetricsWriter(workdir)
+    summary = {"step": start}
+
+    def evaluate(step: int) -> None:
+        if eval_rows is None:
+            return
+        total_loss = count = 0.0
+        for batch in eval_batches(eval_rows, eval_bs, config.eval.max_batches, pid, nproc):
+            t, n = eval_step(train_state["params"], frozen, _device_batch(batch, batch_sh))
+            total_loss, count = total_loss + float(t), count + float(n)
+        loss = total_loss / max(count, 1.0)
+        writer.write(step, "eval", loss=loss, perplexity=math.exp(min(loss, 700.0)))
+        log.info(
+            "eval at step %d: loss %.4f, perplexity %.2f (%d tokens)",
+            step,
+            loss,
+            math.exp(min(loss, 700)),
+            count,
+        )
+        summary["eval_loss"] = loss
+
+    def save(step: int) -> None:
+        meta = {"step": step, "data": batches.state(), "frozen_paths": optim.paths(frozen)}
+        ckpt.save(step, train_state, frozen, meta)
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, initial=start, desc="train", disable=pid != 0, dynamic_ncols=True)
+    clock = [time.perf_counter()]
+
+    def report(step: int, metrics) -> None:
+        """Log a step's metrics (fetched one step late, so the device is never idle waiting)."""
+        m = jax.device_get(metrics)
+        now = time.perf_counter()
+        seconds, clock[0] = now - clock[0], now
+        loss = float(m["loss"])
+        bad = [f"loss is {loss}"] if not math.isfinite(loss) else []
+        bad += (
+            [f"{int(m['nonfinite_params'])} parameter values are not finite"] if m["nonfinite_params"] else []
+        )
+        if bad:
+            ckpt.wait()
+            raise TrainingError(
+                f"{' and '.join(bad)} at step {step}; stopping. The last good checkpoint is step "
+                f"{ckpt.latest()} in {ckpt.dir}; lower optimizer.lr, raise warmup_steps or check the data"
+            )
+        tps = tokens_per_step / seconds
+        util = flops_per_step / seconds / peak if peak else 0.0
+        summary.update(step=step, loss=loss)
+        bar.update(step - bar.n)
+        bar.set_postfix(
+            loss=f"{loss:.4f}", lr=f"{float(m['learning_rate']):.2e}", tok_s=f"{tps:.0f}", mfu=f"{util:.1%}"
+        )
+        if step % c.log_every == 0 or step == total:
+            writer.write(
+                step,
+                "train",
+                loss=loss,
+                learning_rate=float(m["learning_rate"]),
+                tokens_per_second=tps,
+                mfu=util,
+                grad_norm=float(m["grad_norm"]),
+            )
+
+    if config.eval.at_start and not start:
+        evaluate(0)
+    t0 = time.perf_counter()
+    first = _device_batch(next(batches), batch_sh)
+    compiled = train_step.lower(train_state, frozen, first).compile()
+    log.info("train step compiled in %.1f s", time.perf_counter() - t0)
+    clock[0] = time.perf_counter()
+    pending, step, batch = None, start, first
+    with _Preemption() as preempt:
+        while step < total:
+            train_state, metrics = compiled(train_state, frozen, batch)
+            step += 1
+            if pending is not None:
+                report(*pending)
+            pending = (step, metrics)
+            last = step == total
+            save_now = last or (config.checkpoint.every_steps and step % config.checkpoint.every_steps == 0)
+            eval_now = not last and config.eval.every_steps and step % config.eval.every_steps == 0
+            stop = preempt.requested or (stop_after is not None and step >= stop_after)
+            if save_now or eval_now or stop:
+                report(*pending)  # before saving: never checkpoint a NaN
+                pending = None
+            if eval_now:
+                evaluate(step)
+            if save_now or stop:
+                save(step)
+            if stop:
+                log.info("stopped at step %d with a checkpoint; rerun on %s to continue", step, workdir)
+                break
+            if not last:
+                batch = _device_batch(next(batches), batch_sh)
+    bar.close()
+    if step == total:
+        evaluate(step)
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
+    if step == total:
+        _finish(config, workdir, graphdef, train_state["params"], frozen, tokenizer)
+    return summary
+
+
+def _finish(config, workdir, graphdef, params, frozen, tokenizer) -> None:
+    """Sample answers and the Hugging Face export, as the config asks."""
+    if not (config.sample.prompts or config.export.at_end):
+        return
+    model = nnx.merge(graphdef, optim.merge(params, frozen))
+    if config.sample.prompts:
+        from jaxtune.generate import generate
+
+        chat = getattr(tokenizer, "chat_template", None) is not None
+        with open(os.path.join(workdir, "samples.jsonl"), "w") as f:
+            for prompt in config.sample.prompts:
+                question = [{"role": "user", "content": prompt}] if chat else prompt
+                answer = generate(model, tokenizer, question, max_new_tokens=config.sample.max_new_tokens)
+                print(f"sample> {prompt}\n{answer}\n")
+                f.write(json.dumps({"prompt": prompt, "answer": answer}) + "\n")
+    if config.export.at_end and jax.process_index() == 0:
+        out = os.path.join(workdir, "export")
+        pretrained.save_pretrained(model, out, tokenizer=tokenizer, dtype=config.export.dtype or None)
+        log.info("exported Hugging Face weights to %s", out)
+
+
+def main(argv=None) -> int:
+    from absl import flags
+    from ml_collections import config_flags
+
+    flags_ = flags.FlagValues()
+    config_flags.DEFINE_config_file(
+        "config", None, "configs/X.py[:arg]", flag_values=flags_, lock_config=True
+    )
+    flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics, export)", flag_values=flags_)
+    argv = sys.argv if argv is None else ["jaxtune.train", *argv]
+    try:
+        flags_(argv)
+    except (flags.Error, KeyError, AttributeError, TypeError, ValueError) as e:
+        print(f"error: {e}".splitlines()[0], file=sys.stderr)
+        return 2
+    if flags_.config is None or not flags_.workdir:
+        print("error: pass --config configs/X.py and --workdir DIR", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        run(flags_.config, flags_.workdir)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,417 @@
+"""The training engine on CPU (8 host devices): sharding equivalence, gradient accumulation, per-layer
+learning rates, compile-once, resume, preemption, metrics, configs and config errors."""
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import jaxtune
+from jaxtune import checkpoint, optim, steps, train
+from jaxtune.config import ConfigError, defaults, validate
+
+TEXT = "".join(
+    f"Line {i}: the quick brown fox jumps over the lazy dog {i * 7 % 13} times.\n" for i in range(300)
+)
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "corpus.txt"
+    path.write_text(TEXT)
+    return str(path)
+
+
+def tiny_config(text_file, **changes):
+    c = defaults()
+    c.model.path = "llama-tiny"
+    c.model.tokenizer = "bytes"
+    c.data.train = text_file
+    c.data.eval_fraction = 0.1
+    c.data.seq_len = 32
+    c.train.batch_size = 8
+    c.train.max_steps = 5
+    c.optimizer.lr = 3e-3
+    c.optimizer.warmup_steps = 2
+    c.checkpoint.async_save = False
+    for key, value in changes.items():
+        node = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return c
+
+
+def metrics(workdir, split="train"):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [row for row in map(json.loads, f) if row["split"] == split]
+
+
+def losses(workdir):
+    return {row["step"]: row["loss"] for row in metrics(workdir)}
+
+
+def test_sharded_and_single_device_runs_give_the_same_losses(text_file, tmp_path):
+    runs = {
+        "single": (dict(**{"mesh.data": 1}), jax.devices()[:1]),
+        "fsdp4_tensor2": ({"mesh.data": 1, "mesh.fsdp": 4, "mesh.tensor": 2}, None),
+        "data8": ({"mesh.data": 8}, None),
+    }
+    got = {}
+    for name, (changes, devices) in runs.items():
+        train.run(tiny_config(text_file, **changes), str(tmp_path / name), devices=devices)
+        got[name] = losses(tmp_path / name)
+    assert sorted(got["single"]) == [1, 2, 3, 4, 5]
+    for name in ("fsdp4_tensor2", "data8"):
+        np.testing.assert_allclose(
+            [got[name][s] for s in range(1, 6)], [got["single"][s] for s in range(1, 6)], atol=1e-5, rtol=0
+        )
+    assert got["single"][5] < got["single"][1]
+
+
+def test_fsdp_and_tensor_parallel_shard_the_parameters(text_file):
+    from jaxtune import sharding
+
+    config = tiny_config(text_file, **{"mesh.data": 1, "mesh.fsdp": 4, "mesh.tensor": 2})
+    mesh = sharding.make_mesh(config)
+    model = train.load_model(config, mesh, config.mesh.rules)
+    specs = {
+        path: var.get_value().sharding.spec for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))
+    }
+    assert specs[("embed",)] == jax.sharding.PartitionSpec("tensor", "fsdp")
+    assert specs[("layers", "mlp", "up_proj", "kernel")] == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+    assert specs[("layers", "attn", "q_proj", "kernel")] == jax.sharding.PartitionSpec(
+        None, "fsdp", "tensor", None
+    )
+    shard = model.embed.get_value().addressable_shards[0].data
+    assert shard.shape == (320 // 2, 64 // 4)  # each device holds only its block
+
+
+def _tiny_model():
+    from jaxtune.models import presets
+
+    return jaxtune.pretrained.model_from_config(presets.hf_config("llama-tiny"), seed=1)
+
+
+def _batch(rng, b=8, t=16):
+    ids = rng.randint(0, 256, (b, t + 1))
+    mask = np.ones((b, t), np.float32)
+    mask[1, 10:] = 0
+    return {
+        "input_ids": jnp.asarray(ids[:, :-1]),
+        "targets": jnp.asarray(ids[:, 1:]),
+        "loss_mask": jnp.asarray(mask),
+        "attention_mask": jnp.ones((b, t), jnp.int32),
+    }
+
+
+def _state(tx, params):
+    return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+
+
+def test_gradient_accumulation_equals_one_big_step():
+    graphdef, state = nnx.split(_tiny_model())
+    params = nnx.to_pure_dict(state)
+    c = defaults().optimizer
+    c.name, c.lr, c.schedule, c.clip_norm = "sgd", 0.5, "constant", 0.0
+    tx, lr = optim.make(c, params, 10, 2)
+    batch = _batch(np.random.RandomState(0))
+    out = {}
+    for accum in (1, 4):
+        step = steps.make_train_step(
+            graphdef, tx, lr, compute_dtype=jnp.float32, accum_steps=accum, chunk_tokens=40
+        )
+        out[accum] = jax.jit(step)(_state(tx, params), {}, batch)
+    np.testing.assert_allclose(float(out[4][1]["loss"]), float(out[1][1]["loss"]), atol=1e-6, rtol=0)
+    for a, b in zip(jax.tree.leaves(out[4][0]["params"]), jax.tree.leaves(out[1][0]["params"]), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
+    moved = jax.tree.leaves(jax.tree.map(lambda a, b: jnp.abs(a - b).max(), out[1][0]["params"], params))
+    assert max(float(m) for m in moved) > 1e-4  # the step did move the parameters
+
+
+def test_per_layer_learning_rates_and_frozen_parameters():
+    graphdef, state = nnx.split(_tiny_model())
+    everything = nnx.to_pure_dict(state)
+    c = defaults().optimizer
+    c.name, c.lr, c.schedule, c.clip_norm = "sgd", 0.1, "constant", 0.0
+    c.lr_layer_decay = 0.5
+    c.lr_multipliers = (("attn\\.q_proj", 3.0), ("attn", 7.0), ("final_norm", 0.25))
+    c.frozen = ("lm_head", "layers\\.mlp_norm")
+    frozen, params = optim.split(everything, optim.frozen_matcher(c.frozen))
+    assert set(optim.paths(frozen)) == {"lm_head", "layers.mlp_norm.weight"}
+    tx, lr = optim.make(c, params, 10, 2)
+    batch = _batch(np.random.RandomState(1))
+    step = steps.make_train_step(graphdef, tx, lr, compute_dtype=jnp.float32, accum_steps=1, chunk_tokens=64)
+    new, _ = jax.jit(step)(_state(tx, params), frozen, batch)
+
+    def loss(p):
+        total, count = steps.causal_lm_loss(nnx.merge(graphdef, p, frozen), batch, 64)
+        return total / count
+
+    grads = jax.grad(loss)(params)
+    # Two layers: layer i gets 0.5 ** (2 - i); embeddings 0.5 ** 3; what is above the layers 1.
+    layer = np.array([0.5**2, 0.5**1])
+    expected_multiplier = {
+        "embed": 0.5**3,
+        "final_norm.weight": 0.25,
+        "layers.attn.q_proj.kernel": 3.0 * layer,  # the first matching pattern wins
+        "layers.attn.k_proj.kernel": 7.0 * layer,
+        "layers.attn.v_proj.kernel": 7.0 * layer,
+        "layers.attn.o_proj.kernel": 7.0 * layer,
+        "layers.attn_norm.weight": 7.0 * layer,
+        "layers.mlp.gate_proj.kernel": layer,
+        "layers.mlp.up_proj.kernel": layer,
+        "layers.mlp.down_proj.kernel": layer,
+    }
+    flat = dict(zip(optim.paths(params), jax.tree.leaves(params), strict=True))
+    flat_new = dict(zip(optim.paths(new["params"]), jax.tree.leaves(new["params"]), strict=True))
+    flat_grad = dict(zip(optim.paths(grads), jax.tree.leaves(grads), strict=True))
+    assert set(flat) == set(expected_multiplier)
+    for path, m in expected_multiplier.items():
+        m = np.asarray(m).reshape((-1,) + (1,) * (flat[path].ndim - 1)) if np.ndim(m) else m
+        want = np.asarray(flat[path]) - 0.1 * m * np.asarray(flat_grad[path])
+        np.testing.assert_allclose(np.asarray(flat_new[path]), want, atol=1e-6, rtol=1e-5, err_msg=path)
+
+    # Frozen parameters have no optimizer state at all (Adam's moments cover only the trainable ones).
+    c.name = "adamw"
+    tx, _ = optim.make(c, params, 10, 2)
+    moments = [p for p in optim.paths(tx.init(params)) if "lm_head" in p or "mlp_norm" in p]
+    assert moments == []
+
+
+@pytest.mark.parametrize("schedule", ["constant", "linear", "cosine", "wsd", "inverse_sqrt"])
+def test_schedules_warm_up_then_follow_their_shape(schedule):
+    c = defaults().optimizer
+    c.lr, c.schedule, c.warmup_steps, c.min_lr_ratio = 1.0, schedule, 10, 0.1
+    lr = optim.schedule(c, 110)
+    values = np.array([float(lr(s)) for s in range(111)])
+    np.testing.assert_allclose(values[:11], np.linspace(0, 1, 11), atol=1e-6)
+    if schedule == "constant":
+        assert np.allclose(values[10:], 1.0)
+    elif schedule == "inverse_sqrt":
+        np.testing.assert_allclose(values[40], np.sqrt(10 / 40), rtol=1e-5)
+    else:
+        assert abs(values[110] - 0.1) < 1e-5 and np.all(np.diff(values[10:]) <= 1e-7)
+    if schedule == "wsd":
+        assert np.allclose(values[10:90], 1.0) and values[100] < 1.0
+
+
+@pytest.mark.parametrize("name", ["adamw", "adafactor", "lion", "sgd"])
+def test_every_optimizer_lowers_the_loss(name, text_file, tmp_path):
+    config = tiny_config(
+        text_file, **{"optimizer.name": name, "train.max_steps": 8, "optimizer.momentum": 0.9}
+    )
+    if name in ("sgd", "adafactor"):
+        config.optimizer.lr = 0.3 if name == "sgd" else 1e-2
+    train.run(config, str(tmp_path))
+    got = losses(tmp_path)
+    assert got[8] < got[1] - 0.1, got
+
+
+def test_train_and_eval_steps_compile_once(text_file, tmp_path, caplog):
+    config = tiny_config(
+        text_file, **{"train.max_steps": 6, "eval.every_steps": 2, "checkpoint.every_steps": 3}
+    )
+    jax.config.update("jax_log_compiles", True)
+    try:
+        with caplog.at_level(logging.WARNING):
+            train.run(config, str(tmp_path))
+    finally:
+        jax.config.update("jax_log_compiles", False)
+    compiles = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Compiling ")]
+    assert sum(m.startswith("Compiling jit(train_step)") for m in compiles) == 1, compiles
+    assert sum(m.startswith("Compiling jit(eval_step)") for m in compiles) == 1, compiles
+    assert len(metrics(tmp_path, "eval")) == 3  # steps 2 and 4, and the end
+
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(text_file, tmp_path):
+    config = tiny_config(text_file, **{"train.max_steps": 20, "checkpoint.every_steps": 7})
+    train.run(config, str(tmp_path / "straight"))
+    first = train.run(config, str(tmp_path / "resumed"), stop_after=10)
+    assert first["step"] == 10
+    assert checkpoint.Checkpoints(str(tmp_path / "resumed")).latest() == 10
+    train.run(config, str(tmp_path / "resumed"))
+    straight, resumed = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
+    assert sorted(resumed) == list(range(1, 21))
+    np.testing.assert_array_equal([resumed[s] for s in range(1, 21)], [straight[s] for s in range(1, 21)])
+    a = checkpoint.restore_model(str(tmp_path / "straight"))[0]
+    b = checkpoint.restore_model(str(tmp_path / "resumed"))[0]
+    for x, y in zip(jax.tree.leaves(nnx.state(a)), jax.tree.leaves(nnx.state(b)), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_half_written_checkpoint_is_ignored_with_a_warning(text_file, tmp_path, caplog):
+    config = tiny_config(text_file, **{"train.max_steps": 6, "checkpoint.every_steps": 2})
+    train.run(config, str(tmp_path), stop_after=4)
+    ckpts = tmp_path / "checkpoints"
+    # What a kill during a save leaves: Orbax's temporary directory, never renamed to its step.
+    (ckpts / "6.orbax-checkpoint-tmp-1234567").mkdir()
+    (ckpts / "6.orbax-checkpoint-tmp-1234567" / "params").mkdir()
+    with caplog.at_level(logging.WARNING):
+        summary = train.run(config, str(tmp_path))
+    assert "half-written" in caplog.text and "6.orbax-checkpoint-tmp-1234567" in caplog.text
+    assert summary["step"] == 6 and sorted(losses(tmp_path)) == [1, 2, 3, 4, 5, 6]
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(text_file, tmp_path):
+    config = tiny_config(
+        text_file, **{"train.max_steps": 30, "checkpoint.every_steps": 1, "optimizer.lr": 1e30}
+    )
+    config.optimizer.name = "sgd"  # Adam would normalise even this step size away
+    config.optimizer.clip_norm = 0.0
+    config.optimizer.warmup_steps = 0
+    with pytest.raises(train.TrainingError) as e:
+        train.run(config, str(tmp_path))
+    msg = str(e.value)
+    assert "at step " in msg and ("loss is nan" in msg or "not finite" in msg), msg
+    good = checkpoint.Checkpoints(str(tmp_path)).latest()
+    assert f"last good checkpoint is step {good}" in msg
+    model, _ = checkpoint.restore_model(str(tmp_path))
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(nnx.state(model)))
+
+
+def test_metrics_jsonl_schema_and_tensorboard_files(text_file, tmp_path):
+    train.run(tiny_config(text_file, **{"eval.at_start": True}), str(tmp_path))
+    rows = metrics(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    for row in rows:
+        assert set(row) >= {"step", "split", "loss", "learning_rate", "tokens_per_second", "mfu"}
+        assert all(isinstance(row[k], float) for k in ("loss", "learning_rate", "tokens_per_second", "mfu"))
+        assert row["tokens_per_second"] > 0 and 0 < row["mfu"] < 1
+    evals = metrics(tmp_path, "eval")
+    assert [r["step"] for r in evals] == [0, 5] and all({"loss", "perplexity"} <= set(r) for r in evals)
+    assert any(n.startswith("events.out.tfevents") for n in os.listdir(tmp_path))
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["model"]["path"] == "llama-tiny" and saved["train"]["max_steps"] == 5
+
+
+def test_export_from_a_checkpoint(text_file, tmp_path):
+    import torch
+    import transformers
+
+    from jaxtune import export
+
+    train.run(tiny_config(text_file), str(tmp_path / "run"))
+    assert (
+        export.main(
+            ["--checkpoint", str(tmp_path / "run" / "checkpoints" / "5"), "--out", str(tmp_path / "hf")]
+        )
+        == 0
+    )
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    model, tokenizer = checkpoint.restore_model(str(tmp_path / "run"))
+    ids = np.array([tokenizer("the quick brown fox")["input_ids"]])
+    with torch.no_grad():
+        want = back(torch.tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(model(ids)), want, atol=1e-4, rtol=0)
+    assert export.main(["--checkpoint", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 2
+
+
+def test_sigterm_saves_and_exits_zero_then_the_run_resumes(text_file, tmp_path):
+    workdir = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "jaxtune.train",
+        "--config",
+        os.path.join(os.path.dirname(__file__), "..", "configs", "smoke.py"),
+        "--workdir",
+        str(workdir),
+        f"--config.data.train={text_file}",
+        "--config.train.max_steps=100000",
+        "--config.checkpoint.every_steps=0",
+        "--config.eval.every_steps=0",
+    ]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if (workdir / "metrics.jsonl").exists() and len(metrics(workdir)) >= 3:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert "SIGTERM" in out
+    done = max(losses(workdir))
+    assert checkpoint.Checkpoints(str(workdir)).latest() == done
+    # The continuation: same config, same workdir; it picks up at the saved step.
+    import importlib.util
+
+    from ml_collections import config_flags  # noqa: F401  (the CLI's config loader)
+
+    spec = importlib.util.spec_from_file_location("smoke", cmd[4])
+    smoke = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(smoke)
+    config = smoke.get_config()
+    with config.unlocked():
+        config.data.train = text_file
+        config.train.max_steps = 100000
+        config.eval.every_steps = 0
+    summary = train.run(config, str(workdir), stop_after=done + 2, devices=jax.devices()[:1])
+    assert summary["step"] == done + 2
+    assert sorted(losses(workdir))[-3:] == [done, done + 1, done + 2]
+
+
+def test_every_config_in_configs_validates():
+    import importlib.util
+    import pathlib
+
+    files = sorted(pathlib.Path(__file__).resolve().parents[1].glob("configs/*.py"))
+    assert {f.stem for f in files} >= {"smoke", "quickstart"}
+    for path in files:
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        assert "python -m jaxtune.train --config configs/" + path.name in module.__doc__, path
+        validate(module.get_config())
+
+
+@pytest.mark.parametrize(
+    "changes,words",
+    [
+        ({"optimizer.lrr": 1e-3}, ["optimizer.lrr", "unknown", "optimizer.lr"]),
+        ({"train.batch_size": "8"}, ["train.batch_size", "'8'", "int"]),
+        ({"mesh.data": 3}, ["mesh data=3", "8 are available", "-1"]),
+        ({"mesh.data": -1, "mesh.fsdp": -1}, ["mesh.data", "mesh.fsdp", "at most one"]),
+        ({"train.batch_size": 12}, ["12", "8 data shards", "multiple of 8"]),
+        ({"train.batch_size": 16, "train.grad_accum_steps": 3}, ["16", "grad_accum_steps = 3"]),
+        ({"optimizer.name": "adam"}, ["optimizer.name", "'adam'", "adamw"]),
+        ({"optimizer.schedule": "cosin"}, ["'cosin'", "cosine"]),
+        ({"optimizer.frozen": ("(",)}, ["optimizer.frozen", "not a regular expression"]),
+        ({"optimizer.lr_multipliers": (("embed",),)}, ["lr_multipliers[0]", "(regex, multiplier)"]),
+        ({"model.compute_dtype": "fp8"}, ["model.compute_dtype", "'fp8'", "bfloat16"]),
+        ({"data.train": ""}, ["data.train", "empty"]),
+    ],
+)
+def test_bad_configs_give_one_line_errors(text_file, changes, words):
+    import ml_collections
+
+    raw = tiny_config(text_file).to_dict()
+    for key, value in changes.items():  # as a hand-written config file might have them
+        section, leaf = key.split(".")
+        raw[section][leaf] = value
+    with pytest.raises(ConfigError) as e:
+        validate(ml_collections.ConfigDict(raw), 8)
+    msg = str(e.value)
+    assert "\n" not in msg and all(w in msg for w in words), msg
+
+
+def test_cli_reports_config_errors_in_one_line(text_file, tmp_path, capsys):
+    smoke = os.path.join(os.path.dirname(__file__), "..", "configs", "smoke.py")
+    assert train.main(["--config", smoke, "--workdir", str(tmp_path), "--config.optimizer.lrr=1"]) == 2
+    assert "lrr" in capsys.readouterr().err
+    args = ["--config", smoke, "--workdir", str(tmp_path), "--config.mesh.data=3"]
+    assert train.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "mesh data=3" in err
