@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
 
 import ml_collections
 
@@ -85,6 +86,23 @@ def defaults() -> ml_collections.ConfigDict:
     return c
 
 
+def accelerator_defaults() -> ml_collections.ConfigDict:
+    """:func:`defaults` plus what large-model runs on TPU/GPU share: bfloat16 compute on float32
+    master weights, ``dots`` rematerialisation, FSDP over every device, AdamW with b2 0.95 and weight
+    decay 0.1, warmup then cosine to 10%, checkpoints and evals every 500 steps."""
+    c = defaults()
+    c.model.compute_dtype = "bfloat16"
+    c.model.remat = "dots"
+    c.optimizer.warmup_steps = 100
+    c.optimizer.min_lr_ratio = 0.1
+    c.optimizer.weight_decay = 0.1
+    c.optimizer.b2 = 0.95
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
+    c.checkpoint.every_steps = 500
+    c.eval.every_steps = 500
+    return c
+
+
 class ConfigError(ValueError):
     """A config mistake, in one line naming the key, the value and the fix."""
 
@@ -151,15 +169,35 @@ def mesh_shape(config, num_devices: int) -> dict:
     return sizes
 
 
+def _unknown_key(key: str, known) -> ConfigError:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    hint = f"; did you mean {close[0]}?" if close else f"; known keys: {', '.join(sorted(known))}"
+    return ConfigError(f"config key {key} is unknown{hint}")
+
+
+def check_command_line(argv) -> None:
+    """Check ``--config PATH[:arg]`` and ``--config.KEY=VALUE`` arguments before ml_collections reads
+    them, so a missing file or a misspelt key gets one line naming it."""
+    known = _flat(defaults())
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config."):
+            key = arg[len("--config.") :].split("=", 1)[0]
+            if key not in known:
+                raise _unknown_key(key, known)
+        elif arg == "--config" or arg.startswith("--config="):
+            value = arg.split("=", 1)[1] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else "")
+            path = value.split(":", 1)[0]
+            if not os.path.isfile(path):
+                raise ConfigError(f"config file {path!r} does not exist; pass --config configs/NAME.py")
+
+
 def validate(config, num_devices: int | None = None) -> None:
     """Raise :class:`ConfigError` for the first mistake in ``config``; return None when it is sound."""
     known = _flat(defaults())
     given = _flat(config)
     for key in given:
         if key not in known:
-            close = difflib.get_close_matches(key, list(known), n=1)
-            hint = f"; did you mean {close[0]}?" if close else f"; known keys: {', '.join(sorted(known))}"
-            raise ConfigError(f"config key {key} is unknown{hint}")
+            raise _unknown_key(key, known)
     for key, value in given.items():
         _check_type(key, value, known[key])
     c = config

@@ -8,6 +8,8 @@ mesh axes stays replicated (a vocabulary of 97 on 2 tensor shards, say), and is 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 
 import jax
@@ -18,6 +20,31 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtune.config import MESH_AXES, mesh_shape
 
 log = logging.getLogger(__name__)
+
+
+# (mesh, rules) while a training step is traced; models constrain their activations with it.
+_ACTIVE = contextvars.ContextVar("jaxtune_activation_sharding", default=None)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, rules):
+    """While tracing inside this block, :func:`constrain` pins activations to the rules' shardings."""
+    token = _ACTIVE.set((mesh, rules))
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def constrain(x, names):
+    """``x`` constrained to the sharding its logical ``names`` map to (``batch``, ``length``,
+    ``act_embed``, ...); unchanged outside :func:`activation_sharding` (inference, tests). Without it
+    the partitioner may pick an activation layout that mirrors the FSDP-sharded weights."""
+    active = _ACTIVE.get()
+    if active is None:
+        return x
+    mesh, rules = active
+    return jax.lax.with_sharding_constraint(x, named(names, x.shape, mesh, rules))
 
 
 def make_mesh(config, devices=None) -> Mesh:

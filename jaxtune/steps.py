@@ -36,14 +36,17 @@ def causal_lm_loss(model, batch, chunk_tokens: int):
     targets = jnp.pad(batch["targets"].reshape(n), (0, pad)).reshape(-1, chunk)
     weights = jnp.pad(batch["loss_mask"].reshape(n).astype(jnp.float32), (0, pad)).reshape(-1, chunk)
 
-    @jax.checkpoint
     def chunk_loss(x_cd, target_c, weight_c):
         logits = model.logits(x_cd[None])[0].astype(jnp.float32)
         picked = jnp.take_along_axis(logits, target_c[:, None], axis=-1)[:, 0]
         return jnp.sum((jax.nn.logsumexp(logits, axis=-1) - picked) * weight_c)
 
+    if x_nd.shape[0] == 1:  # one chunk: nothing to save by recomputing its logits on the way back
+        return chunk_loss(x_nd[0], targets[0], weights[0]), jnp.sum(weights)
+    saved = jax.checkpoint(chunk_loss)
+
     def body(total, xs):
-        return total + chunk_loss(*xs), None
+        return total + saved(*xs), None
 
     total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (x_nd, targets, weights))
     return total, jnp.sum(weights)

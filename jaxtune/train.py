@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxtune import checkpoint, data, mfu, optim, pretrained, sharding, steps
-from jaxtune.config import ConfigError, validate
+from jaxtune.config import ConfigError, check_command_line, validate
 from jaxtune.data.loader import Batches, eval_batches
 from jaxtune.models import presets
 from jaxtune.writers import MetricsWriter
@@ -257,40 +257,43 @@ def run(config, workdir: str, stop_after: int | None = None, devices=None) -> di
                 grad_norm=float(m["grad_norm"]),
             )
 
-    if config.eval.at_start and not start:
-        evaluate(0)
-    t0 = time.perf_counter()
-    first = _device_batch(next(batches), batch_sh)
-    compiled = train_step.lower(train_state, frozen, first).compile()
-    log.info("train step compiled in %.1f s", time.perf_counter() - t0)
-    clock[0] = time.perf_counter()
-    pending, step, batch = None, start, first
-    with _Preemption() as preempt:
-        while step < total:
-            train_state, metrics = compiled(train_state, frozen, batch)
-            step += 1
-            if pending is not None:
-                report(*pending)
-            pending = (step, metrics)
-            last = step == total
-            save_now = last or (config.checkpoint.every_steps and step % config.checkpoint.every_steps == 0)
-            eval_now = not last and config.eval.every_steps and step % config.eval.every_steps == 0
-            stop = preempt.requested or (stop_after is not None and step >= stop_after)
-            if save_now or eval_now or stop:
-                report(*pending)  # before saving: never checkpoint a NaN
-                pending = None
-            if eval_now:
-                evaluate(step)
-            if save_now or stop:
-                save(step)
-            if stop:
-                log.info("stopped at step %d with a checkpoint; rerun on %s to continue", step, workdir)
-                break
-            if not last:
-                batch = _device_batch(next(batches), batch_sh)
-    bar.close()
-    if step == total:
-        evaluate(step)
+    with sharding.activation_sharding(mesh, rules):
+        if config.eval.at_start and not start:
+            evaluate(0)
+        t0 = time.perf_counter()
+        first = _device_batch(next(batches), batch_sh)
+        compiled = train_step.lower(train_state, frozen, first).compile()
+        log.info("train step compiled in %.1f s", time.perf_counter() - t0)
+        clock[0] = time.perf_counter()
+        pending, step, batch = None, start, first
+        with _Preemption() as preempt:
+            while step < total:
+                train_state, metrics = compiled(train_state, frozen, batch)
+                step += 1
+                if pending is not None:
+                    report(*pending)
+                pending = (step, metrics)
+                last = step == total
+                save_now = last or (
+                    config.checkpoint.every_steps and step % config.checkpoint.every_steps == 0
+                )
+                eval_now = not last and config.eval.every_steps and step % config.eval.every_steps == 0
+                stop = preempt.requested or (stop_after is not None and step >= stop_after)
+                if save_now or eval_now or stop:
+                    report(*pending)  # before saving: never checkpoint a NaN
+                    pending = None
+                if eval_now:
+                    evaluate(step)
+                if save_now or stop:
+                    save(step)
+                if stop:
+                    log.info("stopped at step %d with a checkpoint; rerun on %s to continue", step, workdir)
+                    break
+                if not last:
+                    batch = _device_batch(next(batches), batch_sh)
+        bar.close()
+        if step == total:
+            evaluate(step)
     ckpt.wait()
     ckpt.close()
     writer.close()
@@ -330,11 +333,15 @@ def main(argv=None) -> int:
     )
     flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics, export)", flag_values=flags_)
     argv = sys.argv if argv is None else ["jaxtune.train", *argv]
+    saved, sys.argv = sys.argv, argv  # config_flags finds the --config.KEY overrides in sys.argv
     try:
+        check_command_line(argv[1:])
         flags_(argv)
-    except (flags.Error, KeyError, AttributeError, TypeError, ValueError) as e:
-        print(f"error: {e}".splitlines()[0], file=sys.stderr)
+    except (ConfigError, flags.Error) as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        sys.argv = saved
     if flags_.config is None or not flags_.workdir:
         print("error: pass --config configs/X.py and --workdir DIR", file=sys.stderr)
         return 2

@@ -189,6 +189,38 @@ def test_per_layer_learning_rates_and_frozen_parameters():
     assert moments == []
 
 
+def test_remat_chunked_loss_and_bfloat16_compute():
+    """Rematerialisation and the loss chunk size change memory, not results; bfloat16 compute keeps
+    float32 master weights and lands near the float32 loss."""
+    import dataclasses
+
+    model = _tiny_model()
+    batch = _batch(np.random.RandomState(2))
+    c = defaults().optimizer
+    c.name, c.lr, c.schedule = "sgd", 0.5, "constant"
+
+    def one_step(remat="none", chunk=1024, compute=jnp.float32):
+        model.cfg = dataclasses.replace(model.cfg, remat=remat)
+        graphdef, state = nnx.split(model)
+        params = nnx.to_pure_dict(state)
+        tx, lr = optim.make(c, params, 10, 2)
+        step = steps.make_train_step(
+            graphdef, tx, lr, compute_dtype=compute, accum_steps=1, chunk_tokens=chunk
+        )
+        return jax.jit(step)(_state(tx, params), {}, batch)
+
+    base_state, base = one_step()
+    for kwargs in (dict(remat="full"), dict(remat="dots"), dict(chunk=7)):
+        state, m = one_step(**kwargs)
+        np.testing.assert_allclose(float(m["loss"]), float(base["loss"]), atol=1e-6, err_msg=str(kwargs))
+        for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(base_state["params"]), strict=True):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, err_msg=str(kwargs))
+    state, m = one_step(compute=jnp.bfloat16)
+    assert {x.dtype for x in jax.tree.leaves(state["params"])} == {jnp.dtype(jnp.float32)}
+    assert abs(float(m["loss"]) - float(base["loss"])) < 2e-2
+    assert float(m["loss"]) != float(base["loss"])  # it did compute in bfloat16
+
+
 @pytest.mark.parametrize("schedule", ["constant", "linear", "cosine", "wsd", "inverse_sqrt"])
 def test_schedules_warm_up_then_follow_their_shape(schedule):
     c = defaults().optimizer
@@ -410,7 +442,11 @@ def test_bad_configs_give_one_line_errors(text_file, changes, words):
 def test_cli_reports_config_errors_in_one_line(text_file, tmp_path, capsys):
     smoke = os.path.join(os.path.dirname(__file__), "..", "configs", "smoke.py")
     assert train.main(["--config", smoke, "--workdir", str(tmp_path), "--config.optimizer.lrr=1"]) == 2
-    assert "lrr" in capsys.readouterr().err
+    assert "config key optimizer.lrr is unknown; did you mean optimizer.lr?" in capsys.readouterr().err
+    assert train.main(["--config", "configs/nope.py", "--workdir", str(tmp_path)]) == 2
+    assert "'configs/nope.py' does not exist" in capsys.readouterr().err
+    assert train.main(["--config", smoke, "--workdir", str(tmp_path), "--config.train.batch_size=8x"]) == 2
+    assert "batch_size" in capsys.readouterr().err
     args = ["--config", smoke, "--workdir", str(tmp_path), "--config.mesh.data=3"]
     assert train.main(args) == 2
     err = capsys.readouterr().err.strip()

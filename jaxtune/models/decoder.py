@@ -15,6 +15,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxtune.models import heads, layers
+from jaxtune.sharding import constrain
+
+ACTIVATION = ("batch", "length", "act_embed")  # logical names of the residual stream [b, t, d]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,10 +159,11 @@ class Decoder(nnx.Module):
             x_btd = x_btd * jnp.asarray(cfg.hidden_size**0.5, dtype=x_btd.dtype)
         if cfg.position == "learned":
             x_btd = x_btd + self.pos_embed[...][position_ids]
+        x_btd = constrain(x_btd, ACTIVATION)
 
         def step(block, x_btd, window):
             mask_bts = layers.attention_mask_bts(attention_mask, segment_ids, t, window)
-            return block(x_btd, position_ids, mask_bts)
+            return constrain(block(x_btd, position_ids, mask_bts), ACTIVATION)
 
         x_btd = layers.scan(self.layers, x_btd, jnp.asarray(cfg.windows, jnp.int32), step, cfg.remat)
         return self.final_norm(x_btd)

@@ -14,7 +14,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxtune.models import heads, layers
-from jaxtune.models.decoder import default_positions
+from jaxtune.models.decoder import ACTIVATION, default_positions
+from jaxtune.sharding import constrain
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,9 +144,10 @@ class Encoder(nnx.Module):
             x_btd = x_btd + self.type_embed[...][types]
         elif token_type_ids is not None:
             raise ValueError(f"{cfg.model_type} has no token types; pass token_type_ids=None")
-        x_btd = self.embed_norm(x_btd)
+        x_btd = constrain(self.embed_norm(x_btd), ACTIVATION)
         mask_bts = layers.attention_mask_bts(attention_mask, segment_ids, t, causal=False)
-        return layers.scan(self.layers, x_btd, None, lambda block, x, _: block(x, mask_bts), cfg.remat)
+        step = lambda block, x, _: constrain(block(x, mask_bts), ACTIVATION)  # noqa: E731
+        return layers.scan(self.layers, x_btd, None, step, cfg.remat)
 
     def __call__(
         self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, segment_ids=None
