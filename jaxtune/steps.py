@@ -70,38 +70,42 @@ def make_train_step(
 ):
     """``train_step(state, frozen, batch) -> (state, metrics)``; pure, for ``jax.jit``.
 
-    Gradients of the summed loss are accumulated over ``accum_steps`` micro-batches and divided once by
-    the total token count, so accumulation equals one step on the whole batch.
+    The token count of the whole batch is known before the forward pass (the loss mask), so each
+    micro-batch's summed loss is divided by it up front: the gradients summed over ``accum_steps``
+    micro-batches are then those of one step on the whole batch, with no pass to rescale them.
     """
 
-    def loss_fn(params, frozen, batch):
+    def loss_fn(params, frozen, batch, denom):
         model = nnx.merge(graphdef, cast(params, compute_dtype), cast(frozen, compute_dtype))
-        return causal_lm_loss(model, batch, chunk_tokens)
+        total, count = causal_lm_loss(model, batch, chunk_tokens)
+        return total / denom, count
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def train_step(state, frozen, batch):
         params = state["params"]
+        denom = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
 
         def accumulate(carry, micro):
-            grads, total, count = carry
-            (t, c), g = grad_fn(params, frozen, micro)
-            return (jax.tree.map(jnp.add, grads, g), total + t, count + c), None
+            grads, loss = carry
+            (part, _), g = grad_fn(params, frozen, micro, denom)
+            return (jax.tree.map(jnp.add, grads, g), loss + part), None
 
-        zeros = jax.tree.map(jnp.zeros_like, params)
-        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-        (grads, total, count), _ = jax.lax.scan(accumulate, init, micro_batches(batch, accum_steps))
-        denom = jnp.maximum(count, 1.0)
-        grads = jax.tree.map(lambda g: g / denom, grads)
+        if accum_steps == 1:  # no accumulation buffers: one less pass over a model-sized tree
+            (loss, _), grads = grad_fn(params, frozen, batch, denom)
+        else:
+            init = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32))
+            (grads, loss), _ = jax.lax.scan(accumulate, init, micro_batches(batch, accum_steps))
         updates, opt_state = tx.update(grads, state["opt_state"], params)
-        new_params = optax.apply_updates(params, updates)
-        new = {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1}
+        new = {
+            "params": optax.apply_updates(params, updates),
+            "opt_state": opt_state,
+            "step": state["step"] + 1,
+        }
         metrics = {
-            "loss": total / denom,
-            "tokens": count,
+            "loss": loss,
+            "tokens": denom,
             "grad_norm": optax.tree.norm(grads),
-            # Non-zero when an update overflowed: the loop then stops before checkpointing it.
-            "nonfinite_params": sum(jnp.sum(~jnp.isfinite(p)) for p in jax.tree.leaves(new_params)),
             "learning_rate": lr_schedule(state["step"]),
         }
         return new, metrics
@@ -117,3 +121,9 @@ def make_eval_step(graphdef, *, compute_dtype, chunk_tokens: int):
         return causal_lm_loss(model, batch, chunk_tokens)
 
     return eval_step
+
+
+def all_finite(tree):
+    """Whether every value of a tree is finite: checked before a checkpoint is written, so an update
+    that overflowed is never saved."""
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))

@@ -214,7 +214,18 @@ def run(config, workdir: str, stop_after: int | None = None, devices=None) -> di
         )
         summary["eval_loss"] = loss
 
+    def stop_bad(what: str, step: int):
+        ckpt.wait()
+        raise TrainingError(
+            f"{what} at step {step}; stopping. The last good checkpoint is step {ckpt.latest()} in "
+            f"{ckpt.dir}; lower optimizer.lr, raise optimizer.warmup_steps or check the data"
+        )
+
+    finite = jax.jit(steps.all_finite)
+
     def save(step: int) -> None:
+        if not bool(finite(train_state["params"])):
+            stop_bad("the parameters are not finite", step)
         meta = {"step": step, "data": batches.state(), "frozen_paths": optim.paths(frozen)}
         ckpt.save(step, train_state, frozen, meta)
 
@@ -229,16 +240,8 @@ def run(config, workdir: str, stop_after: int | None = None, devices=None) -> di
         now = time.perf_counter()
         seconds, clock[0] = now - clock[0], now
         loss = float(m["loss"])
-        bad = [f"loss is {loss}"] if not math.isfinite(loss) else []
-        bad += (
-            [f"{int(m['nonfinite_params'])} parameter values are not finite"] if m["nonfinite_params"] else []
-        )
-        if bad:
-            ckpt.wait()
-            raise TrainingError(
-                f"{' and '.join(bad)} at step {step}; stopping. The last good checkpoint is step "
-                f"{ckpt.latest()} in {ckpt.dir}; lower optimizer.lr, raise warmup_steps or check the data"
-            )
+        if not math.isfinite(loss):
+            stop_bad(f"loss is {loss}", step)
         tps = tokens_per_step / seconds
         util = flops_per_step / seconds / peak if peak else 0.0
         summary.update(step=step, loss=loss)

@@ -305,7 +305,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(text_fi
     with pytest.raises(train.TrainingError) as e:
         train.run(config, str(tmp_path))
     msg = str(e.value)
-    assert "at step " in msg and ("loss is nan" in msg or "not finite" in msg), msg
+    assert "at step " in msg and ("loss is nan" in msg or "parameters are not finite" in msg), msg
     good = checkpoint.Checkpoints(str(tmp_path)).latest()
     assert f"last good checkpoint is step {good}" in msg
     model, _ = checkpoint.restore_model(str(tmp_path))
