@@ -215,6 +215,7 @@ def run(config, workdir: str, stop_after: int | None = None, devices=None) -> di
         summary["eval_loss"] = loss
 
     def stop_bad(what: str, step: int):
+        bar.close()
         ckpt.wait()
         raise TrainingError(
             f"{what} at step {step}; stopping. The last good checkpoint is step {ckpt.latest()} in "
