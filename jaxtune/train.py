@@ -349,7 +349,9 @@ def main(argv=None) -> int:
     if flags_.config is None or not flags_.workdir:
         print("error: pass --config configs/X.py and --workdir DIR", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    # force: an imported library may already have configured the root logger at WARNING.
+    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", force=True)
+    logging.getLogger("jaxtune").setLevel(logging.INFO)
     try:
         run(flags_.config, flags_.workdir)
     except (ConfigError, FileNotFoundError) as e:
