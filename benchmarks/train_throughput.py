@@ -12,7 +12,6 @@ themselves (jaxtune's metrics.jsonl; a Trainer callback at each step end); the f
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import statistics
@@ -63,7 +62,8 @@ def trainer_run(steps: int, batch: int, seq_len: int, workdir: str) -> list[floa
     from jaxtune import data, load_tokenizer
 
     tokenizer = load_tokenizer(assets_dir())
-    rows = data.text_rows(sorted(glob.glob(corpus())), tokenizer, seq_len - 1)["tokens"][: steps * batch]
+    records = data.records(corpus(), "corpus", "train")
+    rows = data.text_rows(records, tokenizer, seq_len - 1)["tokens"][: steps * batch]
     examples = [
         {"input_ids": torch.tensor(r, dtype=torch.long), "labels": torch.tensor(r, dtype=torch.long)}
         for r in rows

@@ -17,7 +17,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 OPTIMIZERS = ("adamw", "adafactor", "lion", "sgd")
 SCHEDULES = ("constant", "linear", "cosine", "wsd", "inverse_sqrt")
 REMAT = ("none", "full", "dots")
-FORMATS = ("text", "chatterbot")
+FORMATS = ("text", "chat", "instruction", "classification")
+TOO_LONG = ("truncate", "drop")
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # Logical axis name -> mesh axes. Parameters: FSDP shards the model width, tensor parallelism the MLP,
@@ -45,11 +46,23 @@ def defaults() -> ml_collections.ConfigDict:
         loss_chunk_tokens=2048,  # tokens per chunk of the output-layer + cross-entropy computation
     )
     c.data = dict(
-        train="",  # file, glob, or comma-separated list
+        # comma-separated files or globs (.jsonl .json .csv .tsv .parquet .txt .yml), tfds:NAME, hf:NAME
+        train="",
+        weights=(),  # one sampling weight per source in data.train: a mixture; () = one pool of all
         eval="",
-        eval_fraction=0.0,  # with no data.eval: hold out this fraction of the training examples
-        format="text",  # text | chatterbot (dialog YAML)
+        eval_fraction=0.0,  # with no data.eval: hold out this fraction of the training records
+        split="train",  # the split of tfds: and hf: sources for data.train
+        eval_split="validation",  # ... and for data.eval
+        data_dir="",  # TFDS data_dir ("" = TFDS's default)
+        format="text",  # text | chat (a messages list) | instruction (Alpaca fields)
+        text_field="text",  # the field a text (or classification) record keeps its text in
+        text_pair_field="",  # classification of text pairs: the second text's field
+        label_field="label",  # classification: the label's field (names or integers)
+        loss_on="assistant",  # chat / instruction: loss on the assistant's tokens, or "all"
+        chat_template="",  # a Jinja chat template (or its file) instead of the tokenizer's own
         seq_len=128,
+        packing=False,  # several examples per row (segment ids; attention and positions per example)
+        too_long="truncate",  # chat / instruction examples longer than a row: truncate | drop (counted)
     )
     c.train = dict(
         batch_size=8,  # global, across all devices and micro-batches
@@ -220,6 +233,19 @@ def validate(config, num_devices: int | None = None) -> None:
     _one_of("model.remat", c.model.remat, REMAT)
     _positive("model.loss_chunk_tokens", c.model.loss_chunk_tokens)
     _one_of("data.format", c.data.format, FORMATS)
+    _one_of("data.too_long", c.data.too_long, TOO_LONG)
+    if any(not isinstance(w, int | float) or w < 0 for w in c.data.weights) or (
+        c.data.weights and not sum(c.data.weights)
+    ):
+        raise ConfigError(
+            f"config key data.weights = {c.data.weights!r} must be non-negative numbers, not all 0"
+        )
+    if c.data.format == "classification":
+        raise ConfigError(
+            "config key data.format = 'classification' needs a classification model; training one comes "
+            "with the classification workflow (jaxtune.data.classify builds the rows today)"
+        )
+    _one_of("data.loss_on", c.data.loss_on, ("assistant", "all"))
     _positive("data.seq_len", c.data.seq_len)
     if not 0 <= c.data.eval_fraction < 1:
         raise ConfigError(f"config key data.eval_fraction = {c.data.eval_fraction} must be in [0, 1)")

@@ -57,12 +57,20 @@ def load_model(config, mesh, rules):
 
 
 def load_tokenizer(config):
+    """The run's tokenizer, with ``data.chat_template`` (a Jinja string or a file) in place of its own."""
     name = config.model.tokenizer or config.model.path
     if name in presets.PRESETS:
         raise ConfigError(
             f"config key model.tokenizer is empty and {name!r} is a preset; set model.tokenizer"
         )
-    return pretrained.load_tokenizer(name)
+    tokenizer = pretrained.load_tokenizer(name)
+    template = config.data.chat_template
+    if template:
+        if os.path.isfile(template):
+            with open(template, encoding="utf-8") as f:
+                template = f.read()
+        tokenizer.chat_template = template
+    return tokenizer
 
 
 def _device_batch(batch: dict, shard) -> dict:
@@ -121,7 +129,7 @@ def run(config, workdir: str, stop_after: int | None = None, devices=None) -> di
 
     train_rows, eval_rows = data.load(config.data, tokenizer, c.seed)
     pid, nproc = jax.process_index(), jax.process_count()
-    batches = Batches(train_rows, c.batch_size, c.seed, pid, nproc)
+    batches = Batches(train_rows, c.batch_size, c.seed, pid, nproc, weights=config.data.weights)
     total = c.max_steps or c.num_epochs * batches.steps_per_epoch
 
     graphdef, state = nnx.split(model)
@@ -354,7 +362,7 @@ def main(argv=None) -> int:
     logging.getLogger("jaxtune").setLevel(logging.INFO)
     try:
         run(flags_.config, flags_.workdir)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError, data.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except TrainingError as e:

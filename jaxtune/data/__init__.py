@@ -1,95 +1,64 @@
-"""Training data: files -> fixed-length token rows -> batches.
+"""Training data: sources -> records -> token rows -> batches.
 
-A row holds ``seq_len + 1`` tokens, so that it gives ``seq_len`` (input, next-token) pairs, with two
-masks of the same length: ``mask`` (a real token, not padding) and ``loss`` (its prediction counts).
-Formats: ``text`` (documents tokenized with EOS appended, concatenated and cut into rows) and
-``chatterbot`` (dialog YAML: each conversation rendered with the tokenizer's chat template, the loss
-on the assistant's turns only).
+A language-model row holds ``seq_len + 1`` tokens (``seq_len`` input/next-token pairs) with masks of
+the same length: ``mask`` (a real token), ``loss`` (its prediction counts) and, for packed rows,
+``segments`` (which example a token belongs to; 0 is padding). Formats:
+
+- ``text``: each record's text, EOS appended, concatenated and cut into rows overlapping by one token;
+- ``chat``: a ``messages`` list rendered with the tokenizer's chat template; loss on the assistant's
+  turns (``data.loss_on = "all"`` for every token);
+- ``instruction``: Alpaca-style ``instruction`` / ``input`` / ``output`` fields, made a user turn and an
+  assistant turn, then as ``chat``;
+- ``classification``: a text (or text pair) and a label; see :mod:`jaxtune.data.classify`.
+
+Chat and instruction examples longer than a row are truncated or dropped (``data.too_long``) and
+counted in the log; with ``data.packing`` several examples share a row (see :mod:`.packing`).
 """
 
 from __future__ import annotations
 
-import glob
 import logging
-import os
 
 import numpy as np
 
+from jaxtune.data.packing import pack, pad_rows
+from jaxtune.data.sources import DataError, expand, read
+
 log = logging.getLogger(__name__)
+__all__ = ["DataError", "load", "records", "to_batch", "take"]
 
 
-def files(spec: str, key: str) -> list[str]:
-    """The files of a ``data.train`` / ``data.eval`` value: paths or globs, comma-separated."""
-    out = []
-    for part in (p.strip() for p in spec.split(",") if p.strip()):
-        found = sorted(glob.glob(os.path.expanduser(part)))
-        if not found:
-            raise FileNotFoundError(f"config key {key}: {part!r} matches no file; check the path")
-        out += [f for f in found if os.path.isfile(f)]
-    return out
+def records(spec: str, key: str, split: str, data_dir: str = "") -> list[tuple[dict, str]]:
+    return [r for source in expand(spec, key) for r in read(source, split, data_dir)]
 
 
-def _rows(pieces, seq_len: int) -> dict[str, np.ndarray]:
-    """Stack (tokens, loss) pieces of at most seq_len + 1 tokens into padded rows."""
-    n = len(pieces)
-    tokens = np.zeros((n, seq_len + 1), np.int32)
-    mask = np.zeros((n, seq_len + 1), np.int8)
-    loss = np.zeros((n, seq_len + 1), np.int8)
-    for i, (ids, on) in enumerate(pieces):
-        tokens[i, : len(ids)] = ids
-        mask[i, : len(ids)] = 1
-        loss[i, : len(ids)] = on
-    return {"tokens": tokens, "mask": mask, "loss": loss}
+def _field(record: dict, name: str, origin: str):
+    if name not in record:
+        raise DataError(
+            f"{origin}: no field {name!r} (fields: {', '.join(record)}); set the data.*_field keys"
+        )
+    value = record[name]
+    if not isinstance(value, str):
+        raise DataError(f"{origin}: field {name!r} is a {type(value).__name__}, not text")
+    return value
 
 
-def text_rows(paths: list[str], tokenizer, seq_len: int) -> dict[str, np.ndarray]:
-    """Each file a document, EOS after each; the stream is cut into rows overlapping by one token so
+def text_rows(recs, tokenizer, seq_len: int, field: str = "text") -> dict[str, np.ndarray]:
+    """Each record a document, EOS after each; the stream is cut into rows overlapping by one token so
     every token after the first is a target exactly once. The last row is padded, not dropped."""
     eos = tokenizer.eos_token_id
     stream = []
-    for path in paths:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-        if not text.strip():
-            raise ValueError(f"{path}: the file is empty; remove it from the data or give it text")
-        stream += tokenizer(text, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
-    pieces = []
-    for start in range(0, max(len(stream) - 1, 1), seq_len):
-        ids = stream[start : start + seq_len + 1]
-        pieces.append((ids, np.ones(len(ids), np.int8)))
-    return _rows(pieces, seq_len)
+    for record, origin in recs:
+        stream += tokenizer(_field(record, field, origin), add_special_tokens=False)["input_ids"]
+        stream += [eos] if eos is not None else []
+    pieces = [stream[s : s + seq_len + 1] for s in range(0, max(len(stream) - 1, 1), seq_len)]
+    return pad_rows([(ids, np.ones(len(ids), np.int8)) for ids in pieces], seq_len)
 
 
-def chatterbot_conversations(paths: list[str]) -> list[list[str]]:
-    """Conversations (alternating user / assistant utterances) from chatterbot-corpus YAML files."""
-    import yaml
-
-    out, skipped = [], []
-    for path in paths:
-        with open(path, encoding="utf-8") as f:
-            doc = yaml.safe_load(f)
-        if not isinstance(doc, dict) or not isinstance(doc.get("conversations"), list):
-            raise ValueError(f"{path}: not a chatterbot dialog file (no 'conversations' list)")
-        for i, conv in enumerate(doc["conversations"]):
-            if isinstance(conv, list) and len(conv) >= 2 and all(isinstance(u, str) for u in conv):
-                out.append(conv)
-            else:
-                skipped.append(f"{os.path.basename(path)} #{i}")
-    if skipped:
-        # The published corpus has a few malformed entries (a bare string where a dialog should be).
-        log.warning(
-            "skipped %d conversation(s) that are not lists of two or more strings: %s",
-            len(skipped),
-            ", ".join(skipped),
-        )
-    if not out:
-        raise ValueError(f"{', '.join(paths)}: no conversations found")
-    return out
-
-
-def chat_tokens(tokenizer, messages: list[dict]) -> tuple[list[int], np.ndarray]:
-    """Token ids of a conversation rendered with the chat template, and 1 on the assistant's tokens
-    (its text and the end-of-turn marker), found through the rendered prefix before each reply."""
+def chat_tokens(tokenizer, messages: list[dict], loss_on: str = "assistant") -> tuple[list[int], np.ndarray]:
+    """Token ids of a conversation rendered with the chat template, and 1 on the tokens that carry loss:
+    the assistant's text and end-of-turn marker (not the whitespace the template puts after it), found
+    through the rendered prefix before each reply."""
     text = tokenizer.apply_chat_template(messages, tokenize=False)
     spans = []
     for k, message in enumerate(messages):
@@ -98,44 +67,128 @@ def chat_tokens(tokenizer, messages: list[dict]) -> tuple[list[int], np.ndarray]
         before = tokenizer.apply_chat_template(messages[:k], tokenize=False, add_generation_prompt=True)
         upto = tokenizer.apply_chat_template(messages[: k + 1], tokenize=False)
         if not (text.startswith(upto) and upto.startswith(before)):
-            raise ValueError(
-                "the chat template does not render conversations prefix by prefix; loss masking needs it"
+            raise DataError(
+                "the chat template does not render conversations prefix by prefix; set data.loss_on='all'"
             )
-        spans.append((len(before), len(upto)))
+        spans.append((len(before), len(upto.rstrip())))  # not the template's newline after the turn
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    if loss_on == "all":
+        return enc["input_ids"], np.ones(len(enc["input_ids"]), np.int8)
     on = np.array([any(a <= s < b for a, b in spans) for s, _ in enc["offset_mapping"]], np.int8)
     return enc["input_ids"], on
 
 
-def chat_rows(paths: list[str], tokenizer, seq_len: int) -> dict[str, np.ndarray]:
-    pieces, truncated = [], 0
-    for conv in chatterbot_conversations(paths):
-        roles = ("user", "assistant")
-        messages = [{"role": roles[i % 2], "content": u} for i, u in enumerate(conv)]
-        ids, on = chat_tokens(tokenizer, messages)
-        if len(ids) > seq_len + 1:
-            truncated += 1
-            ids, on = ids[: seq_len + 1], on[: seq_len + 1]
-        pieces.append((ids, on))
-    if truncated:
-        log.warning(
-            "%d of %d conversations were longer than seq_len + 1 and were truncated", truncated, len(pieces)
+def instruction_messages(record: dict, origin: str) -> list[dict]:
+    """Alpaca's fields as a user turn (instruction, then the input if any) and an assistant turn."""
+    prompt = _field(record, "instruction", origin)
+    extra = record.get("input") or ""
+    if extra:
+        prompt = f"{prompt}\n\n{extra}"
+    return [
+        {"role": "user", "content": prompt},
+        {"role": "assistant", "content": _field(record, "output", origin)},
+    ]
+
+
+def chat_messages(record: dict, origin: str) -> list[dict]:
+    messages = record.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise DataError(
+            f"{origin}: no 'messages' list; chat records need [{{'role': ..., 'content': ...}}, ...]"
         )
-    return _rows(pieces, seq_len)
+    for m in messages:
+        if (
+            not isinstance(m, dict)
+            or not isinstance(m.get("role"), str)
+            or not isinstance(m.get("content"), str)
+        ):
+            raise DataError(f"{origin}: a message is not {{'role': str, 'content': str}}: {m!r}")
+    return messages
 
 
-def load(data_config, tokenizer, seed: int) -> tuple[dict, dict | None]:
-    """(train rows, eval rows or None) for a run's ``config.data``."""
-    reader = text_rows if data_config.format == "text" else chat_rows
-    train = reader(files(data_config.train, "data.train"), tokenizer, data_config.seq_len)
-    if data_config.eval:
-        return train, reader(files(data_config.eval, "data.eval"), tokenizer, data_config.seq_len)
-    if data_config.eval_fraction:
-        n = len(train["tokens"])
-        order = np.random.default_rng(seed).permutation(n)
-        held = max(1, int(round(n * data_config.eval_fraction)))
-        return take(train, np.sort(order[held:])), take(train, np.sort(order[:held]))
-    return train, None
+def example_rows(recs, tokenizer, c) -> dict[str, np.ndarray]:
+    """Rows of chat or instruction examples, packed or one per row."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise DataError(
+            f"the tokenizer has no chat template, which data.format={c.format!r} needs; use a chat model"
+        )
+    to_messages = instruction_messages if c.format == "instruction" else chat_messages
+    pieces, truncated, dropped = [], 0, 0
+    limit = c.seq_len + 1
+    for record, origin in recs:
+        ids, on = chat_tokens(tokenizer, to_messages(record, origin), c.loss_on)
+        if len(ids) > limit:
+            if c.too_long == "drop":
+                dropped += 1
+                continue
+            truncated += 1
+            ids, on = ids[:limit], on[:limit]
+        pieces.append((ids, on))
+    if truncated or dropped:
+        what = "truncated" if truncated else "dropped"
+        log.warning(
+            "%d of %d examples were longer than seq_len + 1 = %d tokens and were %s (data.too_long)",
+            truncated or dropped,
+            len(recs),
+            limit,
+            what,
+        )
+    if not pieces:
+        raise DataError(
+            "every example was dropped as too long; raise data.seq_len or set data.too_long='truncate'"
+        )
+    return pack(pieces, c.seq_len) if c.packing else pad_rows(pieces, c.seq_len)
+
+
+def rows(recs, tokenizer, c) -> dict[str, np.ndarray]:
+    if c.format == "text":
+        return text_rows(recs, tokenizer, c.seq_len, c.text_field)
+    return example_rows(recs, tokenizer, c)
+
+
+def _held_out(recs, tokenizer, c, seed: int) -> tuple[dict, dict | None]:
+    """(train rows, held-out rows) of one source's records, holding out ``c.eval_fraction`` of the
+    records (of the rows, for a single text document)."""
+    if not c.eval_fraction:
+        return rows(recs, tokenizer, c), None
+    rng = np.random.default_rng(seed)
+    if c.format == "text" and len(recs) < 2:
+        all_rows = rows(recs, tokenizer, c)
+        order = rng.permutation(len(all_rows["tokens"]))
+        held = max(1, int(round(len(order) * c.eval_fraction)))
+        return take(all_rows, np.sort(order[held:])), take(all_rows, np.sort(order[:held]))
+    order = rng.permutation(len(recs))
+    held = max(1, int(round(len(recs) * c.eval_fraction)))
+    pick = lambda idx: [recs[i] for i in sorted(idx)]  # noqa: E731
+    return rows(pick(order[held:]), tokenizer, c), rows(pick(order[:held]), tokenizer, c)
+
+
+def concat(parts: list[dict]) -> dict:
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def load(c, tokenizer, seed: int) -> tuple[list[dict], dict | None]:
+    """(train rows, one dict per mixture component; eval rows or None) for a run's ``config.data``.
+
+    With ``data.weights`` each source in ``data.train`` is a mixture component sampled with its weight;
+    without, all sources form one.
+    """
+    train_sources = expand(c.train, "data.train")
+    if c.weights and len(c.weights) != len(train_sources):
+        raise DataError(
+            f"data.weights has {len(c.weights)} weights but data.train names {len(train_sources)} sources "
+            f"({', '.join(train_sources)}); give one weight per source"
+        )
+    groups = [[s] for s in train_sources] if c.weights else [train_sources]
+    parts, held = [], []
+    for group in groups:
+        recs = [r for source in group for r in read(source, c.split, c.data_dir)]
+        train_rows, held_rows = _held_out(recs, tokenizer, c, seed)
+        parts.append(train_rows)
+        held += [held_rows] if held_rows is not None else []
+    if c.eval:
+        return parts, rows(records(c.eval, "data.eval", c.eval_split, c.data_dir), tokenizer, c)
+    return parts, concat(held) if held else None
 
 
 def take(rows: dict, index) -> dict:
@@ -143,11 +196,18 @@ def take(rows: dict, index) -> dict:
 
 
 def to_batch(rows: dict) -> dict[str, np.ndarray]:
-    """Model inputs and targets from rows of seq_len + 1 tokens."""
+    """Model inputs and targets from rows of seq_len + 1 tokens. In packed rows the target that
+    crosses from one example into the next carries no loss, and positions restart per example."""
     tokens, mask, loss = rows["tokens"], rows["mask"], rows["loss"]
-    return {
+    keep = loss[:, 1:] * mask[:, 1:] * mask[:, :-1]
+    batch = {
         "input_ids": tokens[:, :-1],
-        "attention_mask": mask[:, :-1].astype(np.int32),
         "targets": tokens[:, 1:],
-        "loss_mask": (loss[:, 1:] * mask[:, 1:] * mask[:, :-1]).astype(np.float32),
+        "attention_mask": mask[:, :-1].astype(np.int32),
     }
+    if "segments" in rows:
+        seg = rows["segments"]
+        keep = keep * (seg[:, 1:] == seg[:, :-1])
+        batch["segment_ids"] = seg[:, :-1].astype(np.int32)
+    batch["loss_mask"] = keep.astype(np.float32)
+    return batch

@@ -1,9 +1,11 @@
-"""Seeded, resumable batches of rows, each process reading only its share of every global batch."""
+"""Batches through Grain: seeded shuffling reshuffled every epoch, whole global batches, each process
+reading only its share, prefetched on threads, and an iterator state that checkpoints."""
 
 from __future__ import annotations
 
 import logging
 
+import grain
 import numpy as np
 
 from jaxtune.data import take, to_batch
@@ -12,58 +14,73 @@ log = logging.getLogger(__name__)
 
 
 class Batches:
-    """Training batches: every epoch a fresh seeded permutation of the rows, cut into global batches.
+    """Training batches: each epoch a fresh seeded permutation of the rows cut into global batches (the
+    remainder sits out, a different set each epoch); this process gets rows
+    ``[process_index * share, (process_index + 1) * share)`` of every global batch. With several
+    ``parts`` and their ``weights``, each row is drawn from a part with its weight (each part reshuffled
+    on every pass through it).
 
-    The position (epoch, batch index) is the whole state: ``state()`` goes into the checkpoint and
+    ``state()`` (Grain's iterator state, a small JSON-able dict) goes into the checkpoint;
     ``restore(state)`` continues with exactly the batches an uninterrupted run would have seen.
     """
 
     def __init__(
-        self, rows: dict, batch_size: int, seed: int, process_index: int = 0, process_count: int = 1
+        self,
+        parts,
+        batch_size: int,
+        seed: int,
+        process_index: int = 0,
+        process_count: int = 1,
+        weights=(),
+        threads: int = 2,
     ):
-        self.rows, self.batch_size, self.seed = rows, batch_size, seed
-        self.process_index, self.process_count = process_index, process_count
-        n = len(rows["tokens"])
+        parts = [parts] if isinstance(parts, dict) else list(parts)
+        sizes = [len(p["tokens"]) for p in parts]
+        n = sum(sizes)
         self.steps_per_epoch = n // batch_size
         if not self.steps_per_epoch:
             raise ValueError(
                 f"the training data has {n} rows, fewer than one batch of train.batch_size={batch_size}; "
                 "add data or lower the batch size"
             )
-        if n % batch_size:
-            log.info(
-                "%d of %d rows fall outside each epoch's full batches (a different set each epoch)",
-                n % batch_size,
-                n,
+        share = batch_size // process_count
+        mine = slice(process_index * share, (process_index + 1) * share)
+        if len(parts) == 1:
+            if n % batch_size:
+                log.info("%d of %d rows sit out each epoch (a different set each epoch)", n % batch_size, n)
+            dataset = grain.MapDataset.range(n).shuffle(seed=seed).batch(batch_size, drop_remainder=True)
+            dataset = dataset.repeat(None).map(
+                lambda index: to_batch(take(parts[0], np.asarray(index)[mine]))
             )
-        self.epoch = self.index = 0
-        self._order = (None, None)
+        else:
+            streams = [
+                grain.MapDataset.range(size).shuffle(seed=seed + i).repeat(None).map(lambda j, i=i: (i, j))
+                for i, size in enumerate(sizes)
+            ]
+            mixed = grain.MapDataset.mix(streams, weights=list(weights)).batch(
+                batch_size, drop_remainder=True
+            )
+
+            def load(pairs):
+                which, index = (np.asarray(x)[mine] for x in pairs)
+                picked = [take(parts[w], [j]) for w, j in zip(which, index, strict=True)]
+                return to_batch({k: np.concatenate([p[k] for p in picked]) for k in picked[0]})
+
+            dataset = mixed.map(load)
+        options = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads)
+        self._iter = iter(dataset.to_iter_dataset(options))
 
     def state(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index}
+        return self._iter.get_state()
 
     def restore(self, state: dict) -> None:
-        self.epoch, self.index = int(state["epoch"]), int(state["index"])
-
-    def order(self, epoch: int) -> np.ndarray:
-        if self._order[0] != epoch:
-            self._order = (
-                epoch,
-                np.random.default_rng([self.seed, epoch]).permutation(len(self.rows["tokens"])),
-            )
-        return self._order[1]
+        self._iter.set_state(state)
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        if self.index == self.steps_per_epoch:
-            self.epoch, self.index = self.epoch + 1, 0
-        bs = self.batch_size
-        rows = self.order(self.epoch)[self.index * bs : (self.index + 1) * bs]
-        self.index += 1
-        share = bs // self.process_count
-        return to_batch(take(self.rows, rows[self.process_index * share : (self.process_index + 1) * share]))
+        return next(self._iter)
 
 
 def eval_batches(

@@ -1,0 +1,203 @@
+"""Records (dicts) from wherever the data lives, each with its origin for error messages.
+
+Local files by extension: ``.jsonl`` (an object a line), ``.json`` (an array of objects), ``.csv`` and
+``.tsv`` (a header row; a TSV line is split on its last tabs, as GLUE files need), ``.parquet``,
+``.txt`` / ``.md`` (one record ``{"text": <the file>}``), ``.yml`` / ``.yaml`` (chatterbot-corpus dialogs: one
+record ``{"messages": [...]}`` a conversation). ``tfds:NAME[/CONFIG][:VERSION]`` reads a TFDS split
+through ``tfds.data_source`` (ArrayRecord, no TensorFlow). ``hf:NAME`` or ``hf:/path/saved`` reads a
+Hugging Face dataset (hub name, or a ``save_to_disk`` folder) when ``datasets`` is installed.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+
+class DataError(ValueError):
+    """Bad data: the message names the file and line (or record) and the way out."""
+
+
+def expand(spec: str, key: str) -> list[str]:
+    """The sources of a ``data.train`` / ``data.eval`` value: comma-separated paths, globs, ``tfds:`` or
+    ``hf:`` names."""
+    out = []
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        if part.startswith(("tfds:", "hf:")):
+            out.append(part)
+            continue
+        found = sorted(f for f in glob.glob(os.path.expanduser(part)) if os.path.isfile(f))
+        if not found:
+            raise FileNotFoundError(f"config key {key}: {part!r} matches no file; check the path")
+        out += found
+    return out
+
+
+def read(source: str, split: str = "train", data_dir: str = "") -> list[tuple[dict, str]]:
+    """(record, origin) pairs of one source; ``origin`` is ``file:line`` or ``name[index]``."""
+    if source.startswith("tfds:"):
+        return _tfds(source[5:], split, data_dir)
+    if source.startswith("hf:"):
+        return _hf(source[3:], split)
+    ext = os.path.splitext(source)[1].lower()
+    readers = {
+        ".jsonl": _jsonl,
+        ".json": _json,
+        ".csv": _csv,
+        ".tsv": _tsv,
+        ".parquet": _parquet,
+        ".txt": _txt,
+        ".md": _txt,
+        ".yml": _yaml,
+        ".yaml": _yaml,
+    }
+    if ext not in readers:
+        raise DataError(
+            f"{source}: unknown file type {ext!r}; use {', '.join(readers)}, tfds:NAME or hf:NAME"
+        )
+    if os.path.getsize(source) == 0:
+        raise DataError(f"{source}: the file is empty; remove it from the data or fill it")
+    records = readers[ext](source)
+    if not records:
+        raise DataError(f"{source}: holds no records")
+    return records
+
+
+def _jsonl(path):
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(
+                    f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno}); fix or remove the line"
+                ) from e
+            if not isinstance(record, dict):
+                raise DataError(
+                    f"{path}:{n}: a JSON {type(record).__name__}, not an object with named fields"
+                )
+            out.append((record, f"{path}:{n}"))
+    return out
+
+
+def _json(path):
+    with open(path, encoding="utf-8") as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from e
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON array of objects, got a {type(data).__name__}")
+    for i, record in enumerate(data):
+        if not isinstance(record, dict):
+            raise DataError(f"{path}: record {i} is a {type(record).__name__}, not an object")
+    return [(record, f"{path}[{i}]") for i, record in enumerate(data)]
+
+
+def _csv(path):
+    with open(path, encoding="utf-8", newline="") as f:
+        return [(dict(row), f"{path}:{n}") for n, row in enumerate(csv.DictReader(f), 2)]
+
+
+def _tsv(path):
+    """Split on the last tabs so that a tab inside the first column's text survives (GLUE files)."""
+    with open(path, encoding="utf-8") as f:
+        header = f.readline().rstrip("\n").split("\t")
+        out = []
+        for n, line in enumerate(f, 2):
+            line = line.rstrip("\n")
+            if not line:
+                continue
+            values = line.rsplit("\t", len(header) - 1)
+            if len(values) != len(header):
+                raise DataError(
+                    f"{path}:{n}: {len(values)} tab-separated fields where the header has {len(header)}"
+                )
+            out.append((dict(zip(header, values, strict=True)), f"{path}:{n}"))
+    return out
+
+
+def _parquet(path):
+    import pyarrow.parquet as pq
+
+    return [(row, f"{path}[{i}]") for i, row in enumerate(pq.read_table(path).to_pylist())]
+
+
+def _txt(path):
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if not text.strip():
+        raise DataError(f"{path}: the file holds only whitespace")
+    return [({"text": text}, path)]
+
+
+def _yaml(path):
+    """chatterbot-corpus dialogs: alternating user / assistant utterances."""
+    import yaml
+
+    with open(path, encoding="utf-8") as f:
+        doc = yaml.safe_load(f)
+    if not isinstance(doc, dict) or not isinstance(doc.get("conversations"), list):
+        raise DataError(f"{path}: not a chatterbot dialog file (no 'conversations' list)")
+    out, skipped = [], []
+    roles = ("user", "assistant")
+    for i, conv in enumerate(doc["conversations"]):
+        if isinstance(conv, list) and len(conv) >= 2 and all(isinstance(u, str) for u in conv):
+            messages = [{"role": roles[j % 2], "content": u} for j, u in enumerate(conv)]
+            out.append(({"messages": messages}, f"{path}[{i}]"))
+        else:
+            skipped.append(str(i))
+    if skipped:
+        # The published corpus has a few malformed entries (a bare string where a dialog should be).
+        log.warning(
+            "%s: skipped conversation(s) %s: not lists of two or more strings", path, ", ".join(skipped)
+        )
+    return out
+
+
+def _decode(value):
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+        return value.decode("utf-8") if isinstance(value, bytes) else value
+    return value
+
+
+def _tfds(name: str, split: str, data_dir: str):
+    import tensorflow_datasets as tfds
+
+    try:
+        source = tfds.data_source(name, split=split, data_dir=data_dir or None, download=False)
+    except Exception as e:  # tfds raises several types for a missing dataset
+        where = data_dir or "the default TFDS data_dir"
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0]}"
+        raise DataError(
+            f"tfds:{name} split {split!r}: not prepared in {where} ({reason}); "
+            "build it with tfds (file_format='array_record') or set data.data_dir"
+        ) from e
+    return [
+        ({k: _decode(v) for k, v in source[i].items()}, f"tfds:{name}[{split}][{i}]")
+        for i in range(len(source))
+    ]
+
+
+def _hf(name: str, split: str):
+    try:
+        import datasets
+    except ImportError as e:
+        raise DataError(f"hf:{name}: the 'datasets' package is not installed; pip install datasets") from e
+    if os.path.isdir(name):
+        ds = datasets.load_from_disk(name)
+        ds = ds[split] if isinstance(ds, datasets.DatasetDict) else ds
+    else:
+        ds = datasets.load_dataset(name, split=split)
+    return [(dict(row), f"hf:{name}[{split}][{i}]") for i, row in enumerate(ds)]
