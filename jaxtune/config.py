@@ -63,6 +63,7 @@ def defaults() -> ml_collections.ConfigDict:
         seq_len=128,
         packing=False,  # several examples per row (segment ids; attention and positions per example)
         too_long="truncate",  # chat / instruction examples longer than a row: truncate | drop (counted)
+        cache_dir="",  # keep tokenized rows here; reused while data, tokenizer and config are unchanged
     )
     c.train = dict(
         batch_size=8,  # global, across all devices and micro-batches

@@ -333,3 +333,37 @@ def test_tiny_shakespeare_text_rows(shared_data):
     total = len(train["tokens"]) + len(held["tokens"])
     assert total == -(-(1115394 + 1 - 1) // 128)  # the README's byte count, plus EOS, in rows of 128 targets
     assert 0.04 < len(held["tokens"]) / total < 0.06
+
+
+def test_tokenized_rows_are_cached_and_invalidated(tmp_path, monkeypatch):
+    tok = jaxtune.pretrained.byte_tokenizer()
+    text = tmp_path / "a.txt"
+    text.write_text("hello world " * 50)
+    c = data_config(train=str(text), seq_len=16, eval_fraction=0.1, cache_dir=str(tmp_path / "cache"))
+    first = data.load(c, tok, 0)
+    assert len(list((tmp_path / "cache").glob("rows-*.npz"))) == 1
+    calls = []
+    monkeypatch.setattr(data, "_load", lambda *a: calls.append(a))
+    again = data.load(c, tok, 0)  # from the cache: no tokenizing
+    assert calls == []
+    np.testing.assert_array_equal(again[0][0]["tokens"], first[0][0]["tokens"])
+    np.testing.assert_array_equal(again[1]["loss"], first[1]["loss"])
+    monkeypatch.undo()
+    text.write_text("changed text " * 50)  # a changed file is a new key
+    data.load(c, tok, 0)
+    assert len(list((tmp_path / "cache").glob("rows-*.npz"))) == 2
+
+
+def test_hugging_face_dataset_saved_to_disk(tmp_path):
+    import datasets
+
+    ds = datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict({"text": ["one", "two", "three"], "label": [0, 1, 0]}),
+            "validation": datasets.Dataset.from_dict({"text": ["four"], "label": [1]}),
+        }
+    )
+    ds.save_to_disk(str(tmp_path / "saved"))
+    got = sources.read(f"hf:{tmp_path / 'saved'}", split="validation")
+    assert got == [({"text": "four", "label": 1}, f"hf:{tmp_path / 'saved'}[validation][0]")]
+    assert [r["text"] for r, _ in sources.read(f"hf:{tmp_path / 'saved'}")] == ["one", "two", "three"]

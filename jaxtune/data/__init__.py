@@ -17,7 +17,10 @@ counted in the log; with ``data.packing`` several examples share a row (see :mod
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 
 import numpy as np
 
@@ -47,18 +50,18 @@ def text_rows(recs, tokenizer, seq_len: int, field: str = "text") -> dict[str, n
     """Each record a document, EOS after each; the stream is cut into rows overlapping by one token so
     every token after the first is a target exactly once. The last row is padded, not dropped."""
     eos = tokenizer.eos_token_id
+    texts = [_field(record, field, origin) for record, origin in recs]
     stream = []
-    for record, origin in recs:
-        stream += tokenizer(_field(record, field, origin), add_special_tokens=False)["input_ids"]
-        stream += [eos] if eos is not None else []
+    for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        stream += ids + ([eos] if eos is not None else [])
     pieces = [stream[s : s + seq_len + 1] for s in range(0, max(len(stream) - 1, 1), seq_len)]
     return pad_rows([(ids, np.ones(len(ids), np.int8)) for ids in pieces], seq_len)
 
 
-def chat_tokens(tokenizer, messages: list[dict], loss_on: str = "assistant") -> tuple[list[int], np.ndarray]:
-    """Token ids of a conversation rendered with the chat template, and 1 on the tokens that carry loss:
-    the assistant's text and end-of-turn marker (not the whitespace the template puts after it), found
-    through the rendered prefix before each reply."""
+def render(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """A conversation rendered with the chat template, and the character spans that carry loss: each
+    assistant turn's text and end-of-turn marker (not the whitespace the template puts after it),
+    found through the rendered prefix before each reply."""
     text = tokenizer.apply_chat_template(messages, tokenize=False)
     spans = []
     for k, message in enumerate(messages):
@@ -70,12 +73,21 @@ def chat_tokens(tokenizer, messages: list[dict], loss_on: str = "assistant") -> 
             raise DataError(
                 "the chat template does not render conversations prefix by prefix; set data.loss_on='all'"
             )
-        spans.append((len(before), len(upto.rstrip())))  # not the template's newline after the turn
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        spans.append((len(before), len(upto.rstrip())))
+    return text, spans
+
+
+def _flags(offsets, spans, loss_on: str) -> np.ndarray:
     if loss_on == "all":
-        return enc["input_ids"], np.ones(len(enc["input_ids"]), np.int8)
-    on = np.array([any(a <= s < b for a, b in spans) for s, _ in enc["offset_mapping"]], np.int8)
-    return enc["input_ids"], on
+        return np.ones(len(offsets), np.int8)
+    return np.array([any(a <= s < b for a, b in spans) for s, _ in offsets], np.int8)
+
+
+def chat_tokens(tokenizer, messages: list[dict], loss_on: str = "assistant") -> tuple[list[int], np.ndarray]:
+    """Token ids of one conversation and 1 on the tokens that carry loss (see :func:`render`)."""
+    text, spans = render(tokenizer, messages)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    return enc["input_ids"], _flags(enc["offset_mapping"], spans, loss_on)
 
 
 def instruction_messages(record: dict, origin: str) -> list[dict]:
@@ -113,10 +125,13 @@ def example_rows(recs, tokenizer, c) -> dict[str, np.ndarray]:
             f"the tokenizer has no chat template, which data.format={c.format!r} needs; use a chat model"
         )
     to_messages = instruction_messages if c.format == "instruction" else chat_messages
+    rendered = [render(tokenizer, to_messages(record, origin)) for record, origin in recs]
+    # One batched call: a fast tokenizer encodes the whole list in parallel.
+    enc = tokenizer([text for text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
     pieces, truncated, dropped = [], 0, 0
     limit = c.seq_len + 1
-    for record, origin in recs:
-        ids, on = chat_tokens(tokenizer, to_messages(record, origin), c.loss_on)
+    for (_, spans), ids, offsets in zip(rendered, enc["input_ids"], enc["offset_mapping"], strict=True):
+        on = _flags(offsets, spans, c.loss_on)
         if len(ids) > limit:
             if c.too_long == "drop":
                 dropped += 1
@@ -167,12 +182,52 @@ def concat(parts: list[dict]) -> dict:
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
+def _cache_key(c, tokenizer, seed: int) -> str:
+    """What the rows depend on: the data config, the seed (the held-out split), the tokenizer and chat
+    template, and each local file's size and modification time (tfds: / hf: sources by name)."""
+    files = []
+    for spec in (c.train, c.eval):
+        for source in expand(spec, "data") if spec else []:
+            stat = None if source.startswith(("tfds:", "hf:")) else os.stat(source)
+            files.append((source, stat and stat.st_size, stat and stat.st_mtime_ns))
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    vocab = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+    blob = json.dumps([c.to_dict(), seed, files, getattr(tokenizer, "chat_template", None)], default=str)
+    return hashlib.sha256((blob + vocab).encode()).hexdigest()[:24]
+
+
 def load(c, tokenizer, seed: int) -> tuple[list[dict], dict | None]:
     """(train rows, one dict per mixture component; eval rows or None) for a run's ``config.data``.
 
     With ``data.weights`` each source in ``data.train`` is a mixture component sampled with its weight;
-    without, all sources form one.
+    without, all sources form one. With ``data.cache_dir`` the rows are kept there (a .npz named by
+    everything they depend on) and read back on the next run instead of tokenizing again.
     """
+    if not c.cache_dir:
+        return _load(c, tokenizer, seed)
+    path = os.path.join(c.cache_dir, f"rows-{_cache_key(c, tokenizer, seed)}.npz")
+    if os.path.exists(path):
+        with np.load(path) as saved:
+            arrays = dict(saved)
+        n = int(arrays.pop("parts"))
+        parts = [
+            {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith(f"train{i}/")} for i in range(n)
+        ]
+        held = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("eval/")}
+        log.info("tokenized rows read from the cache %s", path)
+        return parts, held or None
+    parts, held = _load(c, tokenizer, seed)
+    arrays = {f"train{i}/{k}": v for i, p in enumerate(parts) for k, v in p.items()}
+    arrays.update({f"eval/{k}": v for k, v in (held or {}).items()})
+    os.makedirs(c.cache_dir, exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp.npz"
+    np.savez(tmp, parts=len(parts), **arrays)
+    os.replace(tmp, path)  # a complete file or none, even if two processes race
+    log.info("tokenized rows cached in %s", path)
+    return parts, held
+
+
+def _load(c, tokenizer, seed: int) -> tuple[list[dict], dict | None]:
     train_sources = expand(c.train, "data.train")
     if c.weights and len(c.weights) != len(train_sources):
         raise DataError(

@@ -195,9 +195,15 @@ def _hf(name: str, split: str):
         import datasets
     except ImportError as e:
         raise DataError(f"hf:{name}: the 'datasets' package is not installed; pip install datasets") from e
-    if os.path.isdir(name):
-        ds = datasets.load_from_disk(name)
-        ds = ds[split] if isinstance(ds, datasets.DatasetDict) else ds
-    else:
-        ds = datasets.load_dataset(name, split=split)
+    try:
+        if os.path.isdir(name):
+            ds = datasets.load_from_disk(name)
+            ds = ds[split] if isinstance(ds, datasets.DatasetDict) else ds
+        else:
+            ds = datasets.load_dataset(name, split=split)
+    except Exception as e:  # datasets raises many types: missing split, offline hub, bad folder
+        raise DataError(
+            f"hf:{name} split {split!r}: cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0]}); "
+            "pass a save_to_disk folder, check the split name, or go online"
+        ) from e
     return [(dict(row), f"hf:{name}[{split}][{i}]") for i, row in enumerate(ds)]
