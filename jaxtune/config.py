@@ -39,7 +39,8 @@ def defaults() -> ml_collections.ConfigDict:
     c.model = dict(
         path="",  # HF directory, .gguf file, hub id, or a preset name (random init; see models/presets.py)
         tokenizer="",  # "" = the model's own; a path or hub id; "bytes" = jaxtune's 256-byte tokenizer
-        task="causal_lm",
+        task="causal_lm",  # or sequence_classification (with data.format = "classification")
+        new_head=False,  # classification: replace a checkpoint's head whose labels differ
         param_dtype="float32",  # master weights and optimizer state
         compute_dtype="float32",  # forward/backward (bfloat16 on TPU/GPU); loss and softmax stay float32
         remat="none",  # none | full | dots (keep matmul outputs, recompute the rest)
@@ -224,10 +225,14 @@ def validate(config, num_devices: int | None = None) -> None:
     from jaxtune.models import heads
 
     _one_of("model.task", c.model.task, heads.TASKS)
-    if c.model.task != "causal_lm":
+    if c.model.task not in ("causal_lm", "sequence_classification"):
         raise ConfigError(
-            f"config key model.task = {c.model.task!r}: training supports causal_lm so far; "
-            "classification training comes with the classification workflow"
+            f"config key model.task = {c.model.task!r}: training supports causal_lm, sequence_classification"
+        )
+    if (c.model.task == "sequence_classification") != (c.data.format == "classification"):
+        raise ConfigError(
+            f"config keys model.task = {c.model.task!r} and data.format = {c.data.format!r} do not match; "
+            "sequence_classification trains on data.format='classification' and causal_lm on the others"
         )
     _one_of("model.param_dtype", c.model.param_dtype, DTYPES)
     _one_of("model.compute_dtype", c.model.compute_dtype, DTYPES)
@@ -240,11 +245,6 @@ def validate(config, num_devices: int | None = None) -> None:
     ):
         raise ConfigError(
             f"config key data.weights = {c.data.weights!r} must be non-negative numbers, not all 0"
-        )
-    if c.data.format == "classification":
-        raise ConfigError(
-            "config key data.format = 'classification' needs a classification model; training one comes "
-            "with the classification workflow (jaxtune.data.classify builds the rows today)"
         )
     _one_of("data.loss_on", c.data.loss_on, ("assistant", "all"))
     _positive("data.seq_len", c.data.seq_len)

@@ -38,8 +38,9 @@ def peak_flops_per_device(override_tflops: float = 0.0) -> float:
     return 0.0
 
 
-def flops_per_token(cfg, seq_len: int) -> float:
-    """Training FLOPs per token of a decoder (forward + backward)."""
+def flops_per_token(cfg, seq_len: int, output_layer: bool = True) -> float:
+    """Training FLOPs per token (forward + backward); ``output_layer``: the vocabulary projection of a
+    language model (a classifier's head is negligible)."""
     d, f, n, k, h, L = (
         cfg.hidden_size,
         cfg.intermediate_size,
@@ -50,5 +51,5 @@ def flops_per_token(cfg, seq_len: int) -> float:
     )
     attn_proj = d * h * (2 * n + 2 * k)  # q, o and k, v
     mlp = d * f * (3 if cfg.gated_mlp else 2)
-    matmul_params = L * (attn_proj + mlp) + d * cfg.vocab_size
+    matmul_params = L * (attn_proj + mlp) + (d * cfg.vocab_size if output_layer else 0)
     return 6.0 * matmul_params + 12.0 * L * n * h * seq_len

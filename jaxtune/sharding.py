@@ -103,10 +103,9 @@ def put(arr: np.ndarray, sharding) -> jax.Array:
     return jax.make_array_from_callback(arr.shape, sharding, lambda index: arr[index])
 
 
-def batch_sharding(mesh: Mesh, rules, ndim: int = 2) -> NamedSharding:
-    """Batch arrays: the leading dimension over the ``batch`` rule's axes (data x fsdp)."""
-    axes = dict(rules).get("batch")
-    return NamedSharding(mesh, PartitionSpec(axes, *([None] * (ndim - 1))))
+def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
+    """Batch arrays (any rank): the leading dimension over the ``batch`` rule's axes (data x fsdp)."""
+    return NamedSharding(mesh, PartitionSpec(dict(rules).get("batch")))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -1,9 +1,12 @@
 """Pure training and evaluation steps, and the losses they use. No flags, no I/O: tests import them.
 
 The train state is a dict of nested dicts of arrays: ``params`` (trainable), ``opt_state`` and
-``step``. Frozen parameters travel separately and are never differentiated or updated. A batch is a
-dict: ``input_ids``, ``targets`` (the next token at each position), ``loss_mask`` (1 where the
-target counts), ``attention_mask``, and optionally ``position_ids`` / ``segment_ids``.
+``step``. Frozen parameters travel separately and are never differentiated or updated.
+
+A language-model batch is a dict: ``input_ids``, ``targets`` (the next token at each position),
+``loss_mask`` (1 where the target counts), ``attention_mask``, and optionally ``segment_ids``. A
+classification batch: ``input_ids``, ``attention_mask``, optionally ``token_type_ids``, ``labels``
+(label ids) and ``weights`` (0 for the padding rows of the last eval batch).
 """
 
 from __future__ import annotations
@@ -12,6 +15,9 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+
+from jaxtune.losses import IGNORE_INDEX, classification_loss
+from jaxtune.models import heads
 
 MODEL_INPUTS = ("attention_mask", "position_ids", "segment_ids")
 
@@ -52,6 +58,42 @@ def causal_lm_loss(model, batch, chunk_tokens: int):
     return total, jnp.sum(weights)
 
 
+class Objective:
+    """What a task optimises: ``loss(model, batch) -> (summed loss, count)``, ``count(batch)`` (known
+    before the forward pass), and ``eval_metrics(model, batch)`` (sums to add up over eval batches)."""
+
+    def __init__(self, task, chunk_tokens: int):
+        self.task, self.chunk_tokens = task, chunk_tokens
+        self.causal = task.name == "causal_lm"
+        if not self.causal and (task.name, task.problem_type) != (
+            "sequence_classification",
+            "single_label_classification",
+        ):
+            raise ValueError(f"training {task.name} / {task.problem_type} is not supported yet")
+
+    def count(self, batch):
+        return jnp.sum((batch["loss_mask"] if self.causal else batch["weights"]).astype(jnp.float32))
+
+    def _logits(self, model, batch):
+        return model(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
+
+    def loss(self, model, batch):
+        if self.causal:
+            return causal_lm_loss(model, batch, self.chunk_tokens)
+        labels = jnp.where(batch["weights"] > 0, batch["labels"], IGNORE_INDEX)
+        return classification_loss(self._logits(model, batch), labels, self.task.problem_type)
+
+    def eval_metrics(self, model, batch) -> dict:
+        if self.causal:
+            total, count = causal_lm_loss(model, batch, self.chunk_tokens)
+            return {"loss_sum": total, "count": count}
+        logits = self._logits(model, batch)
+        labels = jnp.where(batch["weights"] > 0, batch["labels"], IGNORE_INDEX)
+        total, count = classification_loss(logits, labels, self.task.problem_type)
+        correct = jnp.sum((jnp.argmax(logits, -1) == labels) & (labels != IGNORE_INDEX))
+        return {"loss_sum": total, "count": count, "correct": correct.astype(jnp.float32)}
+
+
 def micro_batches(batch, n: int):
     """Split a batch into ``n`` micro-batches along a new leading axis. Micro-batch a takes rows a, a+n,
     a+2n, ...: with rows sharded over devices in contiguous blocks, each micro-batch is spread over
@@ -66,7 +108,8 @@ def make_train_step(
     *,
     compute_dtype,
     accum_steps: int,
-    chunk_tokens: int,
+    chunk_tokens: int = 2048,
+    objective: Objective | None = None,
 ):
     """``train_step(state, frozen, batch) -> (state, metrics)``; pure, for ``jax.jit``.
 
@@ -75,16 +118,18 @@ def make_train_step(
     micro-batches are then those of one step on the whole batch, with no pass to rescale them.
     """
 
+    objective = objective or Objective(heads.CAUSAL_LM, chunk_tokens)
+
     def loss_fn(params, frozen, batch, denom):
         model = nnx.merge(graphdef, cast(params, compute_dtype), cast(frozen, compute_dtype))
-        total, count = causal_lm_loss(model, batch, chunk_tokens)
+        total, count = objective.loss(model, batch)
         return total / denom, count
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def train_step(state, frozen, batch):
         params = state["params"]
-        denom = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
+        denom = jnp.maximum(objective.count(batch), 1.0)
 
         def accumulate(carry, micro):
             grads, loss = carry
@@ -113,12 +158,14 @@ def make_train_step(
     return train_step
 
 
-def make_eval_step(graphdef, *, compute_dtype, chunk_tokens: int):
-    """``eval_step(params, frozen, batch) -> (summed loss, token count)``."""
+def make_eval_step(graphdef, *, compute_dtype, chunk_tokens: int = 2048, objective: Objective | None = None):
+    """``eval_step(params, frozen, batch) -> dict of sums`` (summed loss, count, and for classifiers
+    the number of correct predictions)."""
+    objective = objective or Objective(heads.CAUSAL_LM, chunk_tokens)
 
     def eval_step(params, frozen, batch):
         model = nnx.merge(graphdef, cast(params, compute_dtype), cast(frozen, compute_dtype))
-        return causal_lm_loss(model, batch, chunk_tokens)
+        return objective.eval_metrics(model, batch)
 
     return eval_step
 

@@ -25,6 +25,7 @@ from flax import nnx
 
 from jaxtune import checkpoint, data, mfu, optim, pretrained, sharding, steps
 from jaxtune.config import ConfigError, check_command_line, validate
+from jaxtune.data.classify import label_map
 from jaxtune.data.loader import Batches, eval_batches
 from jaxtune.models import presets
 from jaxtune.writers import MetricsWriter
@@ -36,22 +37,17 @@ class TrainingError(RuntimeError):
     """The run cannot go on (a NaN loss, say); the message names the step and the last good checkpoint."""
 
 
-def load_model(config, mesh, rules):
-    """The model of ``config.model.path`` (a preset name: random init) in ``param_dtype``, in its shards."""
+def load_model(config, mesh, rules, labels=None):
+    """The model of ``config.model.path`` (a preset name: random init) in ``param_dtype``, in its shards;
+    a classifier gets ``labels`` (names by id) as its id2label."""
     c = config.model
+    kwargs = dict(task=c.task, seed=config.train.seed, mesh=mesh, rules=rules)
+    if labels is not None:
+        kwargs["id2label"] = list(labels)
     if c.path in presets.PRESETS:
-        model = pretrained.model_from_config(
-            presets.hf_config(c.path),
-            c.param_dtype,
-            task=c.task,
-            seed=config.train.seed,
-            mesh=mesh,
-            rules=rules,
-        )
+        model = pretrained.model_from_config(presets.hf_config(c.path), c.param_dtype, **kwargs)
     else:
-        model = pretrained.load_pretrained(
-            c.path, c.param_dtype, task=c.task, seed=config.train.seed, mesh=mesh, rules=rules
-        )
+        model = pretrained.load_pretrained(c.path, c.param_dtype, new_head=c.new_head, **kwargs)
     model.cfg = dataclasses.replace(model.cfg, remat=c.remat)
     return model
 
@@ -118,7 +114,13 @@ def run(config, workdir: str, stop_after: int | None = None, devices=None) -> di
     mesh = sharding.make_mesh(config, devices)
     rules = tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in config.mesh.rules)
     tokenizer = load_tokenizer(config)
-    model = load_model(config, mesh, rules)
+    labels = None
+    if config.data.format == "classification":  # the label map comes from the training split alone
+        train_records = data.records(config.data.train, "data.train", config.data.split, config.data.data_dir)
+        labels = label_map(train_records, config.data.label_field)
+        log.info("%d labels from the training data: %s", len(labels), ", ".join(labels))
+    model = load_model(config, mesh, rules, labels)
+    objective = steps.Objective(model.task, config.model.loss_chunk_tokens)
     pretrained.write_config(model, os.path.join(workdir, "model"), config.model.param_dtype, tokenizer)
     cfg, c = model.cfg, config.train
     if model.cfg.vocab_size < len(tokenizer):
@@ -127,7 +129,7 @@ def run(config, workdir: str, stop_after: int | None = None, devices=None) -> di
             "use the model's own tokenizer (model.tokenizer) or a larger vocabulary"
         )
 
-    train_rows, eval_rows = data.load(config.data, tokenizer, c.seed)
+    train_rows, eval_rows = data.load(config.data, tokenizer, c.seed, labels)
     pid, nproc = jax.process_index(), jax.process_count()
     batches = Batches(train_rows, c.batch_size, c.seed, pid, nproc, weights=config.data.weights)
     total = c.max_steps or c.num_epochs * batches.steps_per_epoch
@@ -161,7 +163,7 @@ def run(config, workdir: str, stop_after: int | None = None, devices=None) -> di
         lr_schedule,
         compute_dtype=compute,
         accum_steps=c.grad_accum_steps,
-        chunk_tokens=config.model.loss_chunk_tokens,
+        objective=objective,
     )
     # state: sharded like the parameters and donated, since the old state is dead after the step;
     # frozen parameters: read only; batch: rows over (data, fsdp). Metrics come back replicated.
@@ -172,7 +174,7 @@ def run(config, workdir: str, stop_after: int | None = None, devices=None) -> di
         donate_argnums=0,
     )
     eval_step = jax.jit(
-        steps.make_eval_step(graphdef, compute_dtype=compute, chunk_tokens=config.model.loss_chunk_tokens),
+        steps.make_eval_step(graphdef, compute_dtype=compute, objective=objective),
         in_shardings=(params_sh, frozen_sh, batch_sh),
         out_shardings=sharding.replicated(mesh),
     )
@@ -199,7 +201,7 @@ def run(config, workdir: str, stop_after: int | None = None, devices=None) -> di
 
     eval_bs = config.eval.batch_size or c.batch_size
     tokens_per_step = c.batch_size * config.data.seq_len
-    flops_per_step = mfu.flops_per_token(cfg, config.data.seq_len) * tokens_per_step
+    flops_per_step = mfu.flops_per_token(cfg, config.data.seq_len, objective.causal) * tokens_per_step
     peak = mfu.peak_flops_per_device(c.peak_tflops) * len(devices)
     writer = MetricsWriter(workdir)
     summary = {"step": start}
@@ -207,18 +209,25 @@ def run(config, workdir: str, stop_after: int | None = None, devices=None) -> di
     def evaluate(step: int) -> None:
         if eval_rows is None:
             return
-        total_loss = count = 0.0
+        sums: dict[str, float] = {}
         for batch in eval_batches(eval_rows, eval_bs, config.eval.max_batches, pid, nproc):
-            t, n = eval_step(train_state["params"], frozen, _device_batch(batch, batch_sh))
-            total_loss, count = total_loss + float(t), count + float(n)
-        loss = total_loss / max(count, 1.0)
-        writer.write(step, "eval", loss=loss, perplexity=math.exp(min(loss, 700.0)))
+            for key, value in eval_step(
+                train_state["params"], frozen, _device_batch(batch, batch_sh)
+            ).items():
+                sums[key] = sums.get(key, 0.0) + float(value)
+        count = max(sums["count"], 1.0)
+        loss = sums["loss_sum"] / count
+        if "correct" in sums:
+            values = {"loss": loss, "accuracy": sums["correct"] / count}
+        else:
+            values = {"loss": loss, "perplexity": math.exp(min(loss, 700.0))}
+        writer.write(step, "eval", **values)
         log.info(
-            "eval at step %d: loss %.4f, perplexity %.2f (%d tokens)",
+            "eval at step %d (%d %s): %s",
             step,
-            loss,
-            math.exp(min(loss, 700)),
             count,
+            "examples" if "correct" in sums else "tokens",
+            ", ".join(f"{k} {v:.4f}" for k, v in values.items()),
         )
         summary["eval_loss"] = loss
 
@@ -319,7 +328,7 @@ def _finish(config, workdir, graphdef, params, frozen, tokenizer) -> None:
     if not (config.sample.prompts or config.export.at_end):
         return
     model = nnx.merge(graphdef, optim.merge(params, frozen))
-    if config.sample.prompts:
+    if config.sample.prompts and model.task.name == "causal_lm":
         from jaxtune.generate import generate
 
         chat = getattr(tokenizer, "chat_template", None) is not None

@@ -451,3 +451,60 @@ def test_cli_reports_config_errors_in_one_line(text_file, tmp_path, capsys):
     assert train.main(args) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "mesh data=3" in err
+
+
+def test_sequence_classification_training_learns_and_exports_its_labels(tmp_path):
+    """A real encoder (all-MiniLM-L6-v2) fine-tuned on a small labelled file; the label map comes from
+    the training split and travels into the checkpoint's config and the export."""
+    import torch
+    import transformers
+
+    from jaxtune import assets
+
+    rng = np.random.RandomState(0)
+    good, bad = ["great", "lovely", "superb", "fine"], ["awful", "dull", "poor", "bad"]
+    rows = []
+    for _ in range(240):
+        pos = rng.rand() < 0.5
+        word = rng.choice(good if pos else bad)
+        rows.append(
+            {
+                "sentence": f"the film was {word} and the cast {rng.choice(['too', 'as well'])}",
+                "label": "pos" if pos else "neg",
+            }
+        )
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    c = defaults()
+    c.model.path = assets.minilm()
+    c.model.task = "sequence_classification"
+    c.data.train = str(tmp_path / "train.jsonl")
+    c.data.format = "classification"
+    c.data.text_field = "sentence"
+    c.data.eval_fraction = 0.2
+    c.data.seq_len = 16
+    c.train.batch_size = 16
+    c.train.max_steps = 24
+    c.optimizer.lr = 2e-4
+    c.optimizer.warmup_steps = 2
+    c.eval.at_start = True
+    c.export.at_end = True
+    train.run(c, str(tmp_path / "run"))
+    evals = metrics(tmp_path / "run", "eval")
+    assert [e["step"] for e in evals] == [0, 24]
+    assert evals[1]["accuracy"] >= 0.9 and evals[1]["accuracy"] > evals[0]["accuracy"] + 0.2, evals
+    saved = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
+    assert saved["id2label"] == {"0": "neg", "1": "pos"} and saved["architectures"] == [
+        "BertForSequenceClassification"
+    ]
+    back = transformers.AutoModelForSequenceClassification.from_pretrained(
+        tmp_path / "run" / "export", dtype=torch.float32
+    )
+    assert back.config.id2label == {0: "neg", 1: "pos"}
+    tok = jaxtune.load_tokenizer(str(tmp_path / "run" / "export"))
+    enc = tok(["the film was superb", "the film was awful"], padding=True, return_tensors="np")
+    model, _ = checkpoint.restore_model(str(tmp_path / "run"))
+    ours = np.asarray(model(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"]))
+    with torch.no_grad():
+        theirs = back(**{k: torch.tensor(v) for k, v in enc.items()}).logits.numpy()
+    np.testing.assert_allclose(ours, theirs, atol=1e-4)
+    assert [back.config.id2label[i] for i in theirs.argmax(-1)] == ["pos", "neg"]

@@ -155,17 +155,25 @@ def example_rows(recs, tokenizer, c) -> dict[str, np.ndarray]:
     return pack(pieces, c.seq_len) if c.packing else pad_rows(pieces, c.seq_len)
 
 
-def rows(recs, tokenizer, c) -> dict[str, np.ndarray]:
+def rows(recs, tokenizer, c, labels=None) -> dict[str, np.ndarray]:
     if c.format == "text":
         return text_rows(recs, tokenizer, c.seq_len, c.text_field)
+    if c.format == "classification":
+        from jaxtune.data.classify import classification_rows
+
+        return classification_rows(recs, tokenizer, c, labels)
     return example_rows(recs, tokenizer, c)
 
 
-def _held_out(recs, tokenizer, c, seed: int) -> tuple[dict, dict | None]:
+def size(rows: dict) -> int:
+    return len(next(iter(rows.values())))
+
+
+def _held_out(recs, tokenizer, c, seed: int, labels=None) -> tuple[dict, dict | None]:
     """(train rows, held-out rows) of one source's records, holding out ``c.eval_fraction`` of the
     records (of the rows, for a single text document)."""
     if not c.eval_fraction:
-        return rows(recs, tokenizer, c), None
+        return rows(recs, tokenizer, c, labels), None
     rng = np.random.default_rng(seed)
     if c.format == "text" and len(recs) < 2:
         all_rows = rows(recs, tokenizer, c)
@@ -175,14 +183,14 @@ def _held_out(recs, tokenizer, c, seed: int) -> tuple[dict, dict | None]:
     order = rng.permutation(len(recs))
     held = max(1, int(round(len(recs) * c.eval_fraction)))
     pick = lambda idx: [recs[i] for i in sorted(idx)]  # noqa: E731
-    return rows(pick(order[held:]), tokenizer, c), rows(pick(order[:held]), tokenizer, c)
+    return rows(pick(order[held:]), tokenizer, c, labels), rows(pick(order[:held]), tokenizer, c, labels)
 
 
 def concat(parts: list[dict]) -> dict:
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
-def _cache_key(c, tokenizer, seed: int) -> str:
+def _cache_key(c, tokenizer, seed: int, labels) -> str:
     """What the rows depend on: the data config, the seed (the held-out split), the tokenizer and chat
     template, and each local file's size and modification time (tfds: / hf: sources by name)."""
     files = []
@@ -192,20 +200,23 @@ def _cache_key(c, tokenizer, seed: int) -> str:
             files.append((source, stat and stat.st_size, stat and stat.st_mtime_ns))
     backend = getattr(tokenizer, "backend_tokenizer", None)
     vocab = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
-    blob = json.dumps([c.to_dict(), seed, files, getattr(tokenizer, "chat_template", None)], default=str)
+    blob = json.dumps(
+        [c.to_dict(), seed, files, getattr(tokenizer, "chat_template", None), labels], default=str
+    )
     return hashlib.sha256((blob + vocab).encode()).hexdigest()[:24]
 
 
-def load(c, tokenizer, seed: int) -> tuple[list[dict], dict | None]:
+def load(c, tokenizer, seed: int, labels=None) -> tuple[list[dict], dict | None]:
     """(train rows, one dict per mixture component; eval rows or None) for a run's ``config.data``.
 
     With ``data.weights`` each source in ``data.train`` is a mixture component sampled with its weight;
     without, all sources form one. With ``data.cache_dir`` the rows are kept there (a .npz named by
     everything they depend on) and read back on the next run instead of tokenizing again.
+    ``labels`` (label names by id, from :func:`jaxtune.data.classify.label_map`) for classification.
     """
     if not c.cache_dir:
-        return _load(c, tokenizer, seed)
-    path = os.path.join(c.cache_dir, f"rows-{_cache_key(c, tokenizer, seed)}.npz")
+        return _load(c, tokenizer, seed, labels)
+    path = os.path.join(c.cache_dir, f"rows-{_cache_key(c, tokenizer, seed, labels)}.npz")
     if os.path.exists(path):
         with np.load(path) as saved:
             arrays = dict(saved)
@@ -216,7 +227,7 @@ def load(c, tokenizer, seed: int) -> tuple[list[dict], dict | None]:
         held = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("eval/")}
         log.info("tokenized rows read from the cache %s", path)
         return parts, held or None
-    parts, held = _load(c, tokenizer, seed)
+    parts, held = _load(c, tokenizer, seed, labels)
     arrays = {f"train{i}/{k}": v for i, p in enumerate(parts) for k, v in p.items()}
     arrays.update({f"eval/{k}": v for k, v in (held or {}).items()})
     os.makedirs(c.cache_dir, exist_ok=True)
@@ -227,7 +238,7 @@ def load(c, tokenizer, seed: int) -> tuple[list[dict], dict | None]:
     return parts, held
 
 
-def _load(c, tokenizer, seed: int) -> tuple[list[dict], dict | None]:
+def _load(c, tokenizer, seed: int, labels=None) -> tuple[list[dict], dict | None]:
     train_sources = expand(c.train, "data.train")
     if c.weights and len(c.weights) != len(train_sources):
         raise DataError(
@@ -238,11 +249,11 @@ def _load(c, tokenizer, seed: int) -> tuple[list[dict], dict | None]:
     parts, held = [], []
     for group in groups:
         recs = [r for source in group for r in read(source, c.split, c.data_dir)]
-        train_rows, held_rows = _held_out(recs, tokenizer, c, seed)
+        train_rows, held_rows = _held_out(recs, tokenizer, c, seed, labels)
         parts.append(train_rows)
         held += [held_rows] if held_rows is not None else []
     if c.eval:
-        return parts, rows(records(c.eval, "data.eval", c.eval_split, c.data_dir), tokenizer, c)
+        return parts, rows(records(c.eval, "data.eval", c.eval_split, c.data_dir), tokenizer, c, labels)
     return parts, concat(held) if held else None
 
 
@@ -252,7 +263,10 @@ def take(rows: dict, index) -> dict:
 
 def to_batch(rows: dict) -> dict[str, np.ndarray]:
     """Model inputs and targets from rows of seq_len + 1 tokens. In packed rows the target that
-    crosses from one example into the next carries no loss, and positions restart per example."""
+    crosses from one example into the next carries no loss, and positions restart per example.
+    Classification rows are model inputs already."""
+    if "labels" in rows:
+        return dict(rows)
     tokens, mask, loss = rows["tokens"], rows["mask"], rows["loss"]
     keep = loss[:, 1:] * mask[:, 1:] * mask[:, :-1]
     batch = {

@@ -64,6 +64,7 @@ def classification_rows(recs, tokenizer, c, labels: tuple[str, ...]) -> dict[str
         "input_ids": enc["input_ids"].astype(np.int32),
         "attention_mask": enc["attention_mask"].astype(np.int32),
         "labels": np.asarray(label_ids, np.int32),
+        "weights": np.ones(len(label_ids), np.float32),  # 0 marks the padding rows of an eval batch
     }
     if "token_type_ids" in enc:
         out["token_type_ids"] = enc["token_type_ids"].astype(np.int32)

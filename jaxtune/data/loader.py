@@ -8,7 +8,7 @@ import logging
 import grain
 import numpy as np
 
-from jaxtune.data import take, to_batch
+from jaxtune.data import size, take, to_batch
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ class Batches:
         threads: int = 2,
     ):
         parts = [parts] if isinstance(parts, dict) else list(parts)
-        sizes = [len(p["tokens"]) for p in parts]
+        sizes = [size(p) for p in parts]
         n = sum(sizes)
         self.steps_per_epoch = n // batch_size
         if not self.steps_per_epoch:
@@ -88,7 +88,7 @@ def eval_batches(
 ):
     """Every eval row once, in order; the last batch is padded with empty rows (no loss) so that every
     batch has the same shape and the eval step compiles once."""
-    n = len(rows["tokens"])
+    n = size(rows)
     count = -(-n // batch_size)
     if max_batches:
         count = min(count, max_batches)
@@ -99,5 +99,7 @@ def eval_batches(
         ]
         real = index < n
         part = take(rows, np.where(real, index, 0))
-        part = {k: np.where(real[:, None], v, 0).astype(v.dtype) for k, v in part.items()}
+        part = {
+            k: np.where(real.reshape(-1, *[1] * (v.ndim - 1)), v, 0).astype(v.dtype) for k, v in part.items()
+        }
         yield to_batch(part)
