@@ -90,8 +90,8 @@ class Objective:
         logits = self._logits(model, batch)
         labels = jnp.where(batch["weights"] > 0, batch["labels"], IGNORE_INDEX)
         total, count = classification_loss(logits, labels, self.task.problem_type)
-        correct = jnp.sum((jnp.argmax(logits, -1) == labels) & (labels != IGNORE_INDEX))
-        return {"loss_sum": total, "count": count, "correct": correct.astype(jnp.float32)}
+        # Per-example predictions come back too: precision, F1, MCC and the confusion matrix need them.
+        return {"loss_sum": total, "count": count, "predictions": jnp.argmax(logits, -1), "labels": labels}
 
 
 def micro_batches(batch, n: int):

@@ -21,12 +21,14 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from jaxtune import checkpoint, data, mfu, optim, pretrained, sharding, steps
+from jaxtune import checkpoint, data, metrics, mfu, optim, pretrained, sharding, steps
 from jaxtune.config import ConfigError, check_command_line, validate
 from jaxtune.data.classify import label_map
 from jaxtune.data.loader import Batches, eval_batches
+from jaxtune.losses import IGNORE_INDEX
 from jaxtune.models import presets
 from jaxtune.writers import MetricsWriter
 
@@ -210,24 +212,34 @@ def run(config, workdir: str, stop_after: int | None = None, devices=None) -> di
         if eval_rows is None:
             return
         sums: dict[str, float] = {}
+        labels_seen, predicted = [], []
         for batch in eval_batches(eval_rows, eval_bs, config.eval.max_batches, pid, nproc):
-            for key, value in eval_step(
-                train_state["params"], frozen, _device_batch(batch, batch_sh)
-            ).items():
+            out = jax.device_get(eval_step(train_state["params"], frozen, _device_batch(batch, batch_sh)))
+            if "predictions" in out:
+                keep = out["labels"] != IGNORE_INDEX  # padding rows of the last batch
+                labels_seen.append(out.pop("labels")[keep])
+                predicted.append(out.pop("predictions")[keep])
+            for key, value in out.items():
                 sums[key] = sums.get(key, 0.0) + float(value)
         count = max(sums["count"], 1.0)
         loss = sums["loss_sum"] / count
-        if "correct" in sums:
-            values = {"loss": loss, "accuracy": sums["correct"] / count}
+        if predicted:
+            scores = metrics.classification(np.concatenate(labels_seen), np.concatenate(predicted), labels)
+            matrix = scores.pop("confusion_matrix")
+            values = {"loss": loss, **scores}
+            if jax.process_index() == 0:
+                with open(os.path.join(workdir, "confusion_matrix.json"), "w") as f:
+                    json.dump({"step": step, "labels": list(labels), "matrix": matrix}, f)
         else:
             values = {"loss": loss, "perplexity": math.exp(min(loss, 700.0))}
         writer.write(step, "eval", **values)
+        shown = {k: v for k, v in values.items() if "/" not in k}
         log.info(
             "eval at step %d (%d %s): %s",
             step,
             count,
-            "examples" if "correct" in sums else "tokens",
-            ", ".join(f"{k} {v:.4f}" for k, v in values.items()),
+            "examples" if predicted else "tokens",
+            ", ".join(f"{k} {v:.4f}" for k, v in shown.items()),
         )
         summary["eval_loss"] = loss
 
@@ -252,9 +264,9 @@ def run(config, workdir: str, stop_after: int | None = None, devices=None) -> di
     bar = tqdm(total=total, initial=start, desc="train", disable=pid != 0, dynamic_ncols=True)
     clock = [time.perf_counter()]
 
-    def report(step: int, metrics) -> None:
+    def report(step: int, step_metrics) -> None:
         """Log a step's metrics (fetched one step late, so the device is never idle waiting)."""
-        m = jax.device_get(metrics)
+        m = jax.device_get(step_metrics)
         now = time.perf_counter()
         seconds, clock[0] = now - clock[0], now
         loss = float(m["loss"])
@@ -289,11 +301,11 @@ def run(config, workdir: str, stop_after: int | None = None, devices=None) -> di
         pending, step, batch = None, start, first
         with _Preemption() as preempt:
             while step < total:
-                train_state, metrics = compiled(train_state, frozen, batch)
+                train_state, step_metrics = compiled(train_state, frozen, batch)
                 step += 1
                 if pending is not None:
                     report(*pending)
-                pending = (step, metrics)
+                pending = (step, step_metrics)
                 last = step == total
                 save_now = last or (
                     config.checkpoint.every_steps and step % config.checkpoint.every_steps == 0

@@ -493,6 +493,9 @@ def test_sequence_classification_training_learns_and_exports_its_labels(tmp_path
     assert [e["step"] for e in evals] == [0, 24]
     assert evals[1]["accuracy"] >= 0.9 and evals[1]["accuracy"] > evals[0]["accuracy"] + 0.2, evals
     saved = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
+    assert {"f1_macro", "mcc", "precision/pos", "recall/neg"} <= set(evals[1])
+    matrix = json.loads((tmp_path / "run" / "confusion_matrix.json").read_text())
+    assert matrix["labels"] == ["neg", "pos"] and sum(map(sum, matrix["matrix"])) == 48  # the held-out 20%
     assert saved["id2label"] == {"0": "neg", "1": "pos"} and saved["architectures"] == [
         "BertForSequenceClassification"
     ]
