@@ -9,6 +9,7 @@ config.json and tokenizer are in ``workdir/model/``, written once at the start o
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -17,6 +18,7 @@ import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
 TMP_MARK = ".orbax-checkpoint-tmp"
+BEST_RECORD = "best.json"  # in checkpoints_best/: the step whose metric is the best so far
 ITEMS = ("params", "frozen", "opt_state")
 
 
@@ -25,8 +27,30 @@ def directory(workdir: str) -> str:
 
 
 class Checkpoints:
-    def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
+    """The run's latest ``keep`` checkpoints, and with a ``best_metric`` also the ``best_keep`` best ones
+    by that eval metric (``best_mode`` max or min), under ``workdir/checkpoints_best/``."""
+
+    def __init__(
+        self,
+        workdir: str,
+        keep: int = 3,
+        async_save: bool = True,
+        best_metric: str = "",
+        best_mode: str = "max",
+        best_keep: int = 1,
+    ):
         self.dir = directory(workdir)
+        self.best = None
+        if best_metric:
+            best_options = ocp.CheckpointManagerOptions(
+                max_to_keep=best_keep,
+                best_fn=lambda metrics: metrics[best_metric],
+                best_mode=best_mode,
+                keep_checkpoints_without_metrics=False,
+                enable_async_checkpointing=async_save,
+                create=True,
+            )
+            self.best = ocp.CheckpointManager(self.dir + "_best", options=best_options)
         partial = sorted(n for n in os.listdir(self.dir) if TMP_MARK in n) if os.path.isdir(self.dir) else []
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True
@@ -46,11 +70,22 @@ class Checkpoints:
         return self.manager.latest_step()
 
     def save(self, step: int, state: dict, frozen: dict, meta: dict) -> None:
-        trees = {"params": state["params"], "frozen": frozen, "opt_state": state["opt_state"]}
-        # Orbax refuses empty trees (no frozen parameters, a stateless optimizer): they are left out.
-        args = {k: ocp.args.StandardSave(v) for k, v in trees.items() if jax.tree.leaves(v)}
-        args["meta"] = ocp.args.JsonSave(meta)
-        self.manager.save(step, args=ocp.args.Composite(**args), force=True)
+        self.manager.save(step, args=_args(state, frozen, meta), force=True)
+
+    def save_best(self, step: int, state: dict, frozen: dict, meta: dict, metrics: dict) -> None:
+        """Offer a checkpoint to the best-k set; Orbax keeps it if its metric ranks among the best."""
+        self.best.save(step, args=_args(state, frozen, meta), metrics=metrics, force=True)
+
+    def record_best(self, step: int, metric: str, value: float) -> None:
+        with open(os.path.join(self.dir + "_best", BEST_RECORD), "w") as f:
+            json.dump({"step": step, "metric": metric, "value": value}, f)
+
+    def restore_best(self, step: int, abstract: dict) -> dict:
+        """Items of best-k checkpoint ``step``."""
+        self.best.wait_until_finished()
+        args = {k: ocp.args.StandardRestore(v) for k, v in abstract.items() if jax.tree.leaves(v)}
+        restored = dict(self.best.restore(step, args=ocp.args.Composite(**args)))
+        return {k: restored.get(k, v) for k, v in abstract.items()}
 
     def restore(self, step: int, abstract: dict) -> dict:
         """Items of a checkpoint; ``abstract`` maps each wanted item to its abstract arrays (shapes,
@@ -62,9 +97,21 @@ class Checkpoints:
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
+        if self.best is not None:
+            self.best.wait_until_finished()
 
     def close(self) -> None:
         self.manager.close()
+        if self.best is not None:
+            self.best.close()
+
+
+def _args(state: dict, frozen: dict, meta: dict):
+    trees = {"params": state["params"], "frozen": frozen, "opt_state": state["opt_state"]}
+    # Orbax refuses empty trees (no frozen parameters, a stateless optimizer): they are left out.
+    args = {k: ocp.args.StandardSave(v) for k, v in trees.items() if jax.tree.leaves(v)}
+    args["meta"] = ocp.args.JsonSave(meta)
+    return ocp.args.Composite(**args)
 
 
 def split_path(path: str) -> tuple[str, int | None]:
@@ -94,12 +141,22 @@ def restore_model(path: str):
     if not os.path.isdir(directory(workdir)):
         raise FileNotFoundError(f"{workdir}: has no checkpoints/ directory; the run saved no checkpoint")
     ckpts = Checkpoints(workdir, async_save=False)
-    step = ckpts.latest() if step is None else step
-    if step is None or step not in ckpts.manager.all_steps():
-        raise FileNotFoundError(
-            f"{ckpts.dir}: no checkpoint for step {step}; available: {sorted(ckpts.manager.all_steps())}"
+    manager = ckpts.manager
+    record = os.path.join(ckpts.dir + "_best", BEST_RECORD)
+    if step is None and os.path.exists(record):  # a run that kept its best checkpoints exports the best
+        with open(record) as f:
+            step = json.load(f)["step"]
+        manager = ocp.CheckpointManager(
+            ckpts.dir + "_best", options=ocp.CheckpointManagerOptions(read_only=True)
         )
-    meta = ckpts.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        log.info("exporting the best checkpoint, step %d (%s)", step, record)
+    step = manager.latest_step() if step is None else step
+    if step is None or step not in manager.all_steps():
+        raise FileNotFoundError(
+            f"{ckpts.dir}: no checkpoint for step {step}; available: {sorted(manager.all_steps())}"
+        )
+    ckpts.manager = manager
+    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     graphdef, state = nnx.split(pretrained.abstract_model(model_dir))
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(

@@ -94,8 +94,23 @@ def defaults() -> ml_collections.ConfigDict:
         frozen=(),  # (regex, ...): parameters that get no gradient and no optimizer state
     )
     c.mesh = dict(data=-1, fsdp=1, tensor=1, rules=DEFAULT_RULES)
-    c.checkpoint = dict(every_steps=0, keep=3, async_save=True)  # every_steps 0: only at the end
-    c.eval = dict(every_steps=0, at_start=False, max_batches=0, batch_size=0)  # 0 batch_size: train's
+    c.checkpoint = dict(
+        every_steps=0,  # 0: only at the end
+        keep=3,  # the latest k
+        async_save=True,
+        best_metric="",  # an eval metric ("accuracy", "loss", ...): also keep the best_keep best by it
+        best_mode="max",  # max | min
+        best_keep=1,
+        load_best_at_end=False,  # end the run (final eval, samples, export) with the best checkpoint
+    )
+    c.eval = dict(
+        every_steps=0,
+        at_start=False,
+        max_batches=0,
+        batch_size=0,  # 0: train.batch_size
+        patience=0,  # early stopping: stop after this many evals without a gain in checkpoint.best_metric
+        min_delta=0.0,  # the smallest change that counts as a gain
+    )
     c.sample = dict(prompts=(), max_new_tokens=32)  # generated at the end, printed and saved
     c.export = dict(at_end=False, dtype="")  # Hugging Face weights in workdir/export
     return c
@@ -265,8 +280,15 @@ def validate(config, num_devices: int | None = None) -> None:
     _check_patterns(c)
     for key in ("every_steps", "keep"):
         _positive(f"checkpoint.{key}", c.checkpoint[key], zero_ok=key == "every_steps")
-    for key in ("every_steps", "max_batches", "batch_size"):
+    for key in ("every_steps", "max_batches", "batch_size", "patience", "min_delta"):
         _positive(f"eval.{key}", c.eval[key], zero_ok=True)
+    _one_of("checkpoint.best_mode", c.checkpoint.best_mode, ("max", "min"))
+    _positive("checkpoint.best_keep", c.checkpoint.best_keep)
+    if (c.eval.patience or c.checkpoint.load_best_at_end) and not c.checkpoint.best_metric:
+        raise ConfigError(
+            "config keys eval.patience / checkpoint.load_best_at_end need checkpoint.best_metric "
+            "(the eval metric to follow, e.g. 'accuracy' or 'loss')"
+        )
     if c.export.dtype:
         _one_of("export.dtype", c.export.dtype, DTYPES)
     micro, rem = divmod(c.train.batch_size, c.train.grad_accum_steps)

@@ -181,7 +181,11 @@ def run(config, workdir: str, stop_after: int | None = None, devices=None) -> di
         out_shardings=sharding.replicated(mesh),
     )
 
-    ckpt = checkpoint.Checkpoints(workdir, config.checkpoint.keep, config.checkpoint.async_save)
+    cc = config.checkpoint
+    ckpt = checkpoint.Checkpoints(workdir, cc.keep, cc.async_save, cc.best_metric, cc.best_mode, cc.best_keep)
+    # Early stopping and best-k follow one eval metric; its record survives a resume through meta.
+    # value/step/bad: early stopping (a gain must exceed eval.min_delta); top_value/top_step: the best so far.
+    best = {"value": None, "step": None, "bad": 0, "top_value": None, "top_step": None}
     start = ckpt.latest() or 0
     if start:
         restored = ckpt.restore(
@@ -199,6 +203,7 @@ def run(config, workdir: str, stop_after: int | None = None, devices=None) -> di
         }
         frozen = restored["frozen"]
         batches.restore(restored["meta"]["data"])
+        best.update(restored["meta"].get("best", {}))
         log.info("resumed from %s at step %d", ckpt.dir, start)
 
     eval_bs = config.eval.batch_size or c.batch_size
@@ -208,9 +213,10 @@ def run(config, workdir: str, stop_after: int | None = None, devices=None) -> di
     writer = MetricsWriter(workdir)
     summary = {"step": start}
 
-    def evaluate(step: int) -> None:
+    def evaluate(step: int) -> bool:
+        """Eval metrics for ``step``; True when early stopping says the run should end."""
         if eval_rows is None:
-            return
+            return False
         sums: dict[str, float] = {}
         labels_seen, predicted = [], []
         for batch in eval_batches(eval_rows, eval_bs, config.eval.max_batches, pid, nproc):
@@ -242,6 +248,41 @@ def run(config, workdir: str, stop_after: int | None = None, devices=None) -> di
             ", ".join(f"{k} {v:.4f}" for k, v in shown.items()),
         )
         summary["eval_loss"] = loss
+        return follow_best(step, values)
+
+    def follow_best(step: int, values: dict) -> bool:
+        if not cc.best_metric:
+            return False
+        if cc.best_metric not in values:
+            raise ConfigError(
+                f"config key checkpoint.best_metric = {cc.best_metric!r} is not an eval metric here; "
+                f"use one of {', '.join(sorted(values))}"
+            )
+        value, sign = values[cc.best_metric], 1.0 if cc.best_mode == "max" else -1.0
+        if best["value"] is None or sign * (value - best["value"]) > config.eval.min_delta:
+            best.update(value=value, step=step, bad=0)
+        else:
+            best["bad"] += 1
+        if step:  # step 0 is the model before training: nothing to keep
+            top = best["top_value"] is None or sign * (value - best["top_value"]) > 0
+            if top:
+                best.update(top_value=value, top_step=step)
+            meta = {"step": step, "data": batches.state(), "frozen_paths": optim.paths(frozen), "best": best}
+            # Every eval is offered; Orbax keeps the best_keep best by the metric.
+            ckpt.save_best(step, train_state, frozen, meta, {cc.best_metric: value})
+            if top and jax.process_index() == 0:
+                ckpt.record_best(step, cc.best_metric, value)
+        stop = bool(config.eval.patience) and best["bad"] >= config.eval.patience
+        if stop:
+            log.info(
+                "early stopping at step %d: %s has not improved on %.4f (step %s) for %d evals",
+                step,
+                cc.best_metric,
+                best["value"],
+                best["step"],
+                best["bad"],
+            )
+        return stop
 
     def stop_bad(what: str, step: int):
         bar.close()
@@ -256,7 +297,7 @@ def run(config, workdir: str, stop_after: int | None = None, devices=None) -> di
     def save(step: int) -> None:
         if not bool(finite(train_state["params"])):
             stop_bad("the parameters are not finite", step)
-        meta = {"step": step, "data": batches.state(), "frozen_paths": optim.paths(frozen)}
+        meta = {"step": step, "data": batches.state(), "frozen_paths": optim.paths(frozen), "best": best}
         ckpt.save(step, train_state, frozen, meta)
 
     from tqdm.auto import tqdm
@@ -299,6 +340,7 @@ def run(config, workdir: str, stop_after: int | None = None, devices=None) -> di
         log.info("train step compiled in %.1f s", time.perf_counter() - t0)
         clock[0] = time.perf_counter()
         pending, step, batch = None, start, first
+        finished = start == total
         with _Preemption() as preempt:
             while step < total:
                 train_state, step_metrics = compiled(train_state, frozen, batch)
@@ -315,22 +357,39 @@ def run(config, workdir: str, stop_after: int | None = None, devices=None) -> di
                 if save_now or eval_now or stop:
                     report(*pending)  # before saving: never checkpoint a NaN
                     pending = None
-                if eval_now:
-                    evaluate(step)
-                if save_now or stop:
+                early = evaluate(step) if eval_now else False
+                if save_now or stop or early:
                     save(step)
+                if early:
+                    finished = True
+                    break
                 if stop:
                     log.info("stopped at step %d with a checkpoint; rerun on %s to continue", step, workdir)
                     break
                 if not last:
                     batch = _device_batch(next(batches), batch_sh)
         bar.close()
-        if step == total:
+        if step == total and not finished:
             evaluate(step)
+        finished = finished or step == total
+        if finished and cc.load_best_at_end and best["top_step"] and best["top_step"] != step:
+            ckpt.wait()
+            abstract = {"params": _abstract(train_state["params"]), "frozen": _abstract(frozen)}
+            best_step = best["top_step"]
+            items = ckpt.restore_best(best_step, abstract)
+            train_state = dict(train_state, params=items["params"])
+            frozen = items["frozen"]
+            log.info(
+                "loaded the best checkpoint (step %d, %s %.4f) for the end of the run",
+                best_step,
+                cc.best_metric,
+                best["top_value"],
+            )
+            summary["best_step"] = best_step
     ckpt.wait()
     ckpt.close()
     writer.close()
-    if step == total:
+    if finished:
         _finish(config, workdir, graphdef, train_state["params"], frozen, tokenizer)
     return summary
 

@@ -511,3 +511,61 @@ def test_sequence_classification_training_learns_and_exports_its_labels(tmp_path
         theirs = back(**{k: torch.tensor(v) for k, v in enc.items()}).logits.numpy()
     np.testing.assert_allclose(ours, theirs, atol=1e-4)
     assert [back.config.id2label[i] for i in theirs.argmax(-1)] == ["pos", "neg"]
+
+
+def test_best_k_checkpoints_keep_the_best_steps_and_load_at_end(text_file, tmp_path):
+    config = tiny_config(
+        text_file,
+        **{
+            "train.max_steps": 12,
+            "eval.every_steps": 2,
+            "checkpoint.best_metric": "loss",
+            "checkpoint.best_mode": "min",
+            "checkpoint.best_keep": 2,
+            "checkpoint.load_best_at_end": True,
+            "optimizer.lr": 3e-2,  # high enough that the eval loss goes up and down
+            "optimizer.schedule": "constant",
+        },
+    )
+    summary = train.run(config, str(tmp_path))
+    evals = {e["step"]: e["loss"] for e in metrics(tmp_path, "eval")}
+    assert sorted(evals) == [2, 4, 6, 8, 10, 12]
+    ranked = sorted(evals, key=evals.get)
+    kept = sorted(int(p.name) for p in (tmp_path / "checkpoints_best").iterdir() if p.name.isdigit())
+    assert kept == sorted(ranked[:2])
+    record = json.loads((tmp_path / "checkpoints_best" / "best.json").read_text())
+    assert record["step"] == ranked[0] and record["value"] == pytest.approx(evals[ranked[0]])
+    if ranked[0] != 12:
+        assert summary["best_step"] == ranked[0]
+    # The export of a run with best checkpoints is the best one.
+    best_model, _ = checkpoint.restore_model(str(tmp_path))
+    last_model, _ = checkpoint.restore_model(str(tmp_path / "checkpoints" / "12"))
+    same = all(
+        np.array_equal(np.asarray(a), np.asarray(b))
+        for a, b in zip(
+            jax.tree.leaves(nnx.state(best_model)), jax.tree.leaves(nnx.state(last_model)), strict=True
+        )
+    )
+    assert same == (ranked[0] == 12)
+
+
+def test_early_stopping_ends_the_run_after_patience_evals_without_gain(text_file, tmp_path):
+    config = tiny_config(
+        text_file,
+        **{
+            "train.max_steps": 40,
+            "eval.every_steps": 2,
+            "eval.at_start": True,
+            "eval.patience": 2,
+            "eval.min_delta": 1e-3,
+            "checkpoint.best_metric": "loss",
+            "checkpoint.best_mode": "min",
+            "optimizer.lr": 1e-12,  # nothing moves: no eval can gain min_delta
+        },
+    )
+    summary = train.run(config, str(tmp_path))
+    assert summary["step"] == 4
+    assert [e["step"] for e in metrics(tmp_path, "eval")] == [0, 2, 4]
+    assert checkpoint.Checkpoints(str(tmp_path)).latest() == 4
+    with pytest.raises(ConfigError, match="checkpoint.best_metric"):
+        validate(tiny_config(text_file, **{"eval.patience": 2}))
