@@ -1,0 +1,126 @@
+"""Predict labels with a classifier.
+
+    python -m jaxtune.predict (--checkpoint WORKDIR[/checkpoints/STEP] | --model HF_DIR)
+        (--text "..." [--text "..."] | --input FILE.jsonl [--text-field text]) [--output FILE.jsonl]
+
+Writes one JSON object per input: the text, the label name (through the model's id2label) and the
+probability of every label (softmax; sigmoid for multi-label; the value for regression). Inputs go
+through the model in batches of a fixed shape, so the forward pass compiles once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+def load(args):
+    """(model, tokenizer) from a training checkpoint or a Hugging Face directory."""
+    if args.checkpoint:
+        from jaxtune.checkpoint import restore_model
+
+        model, tokenizer = restore_model(args.checkpoint)
+    else:
+        from jaxtune.pretrained import load_pretrained, load_tokenizer
+
+        model, tokenizer = load_pretrained(args.model), load_tokenizer(args.model)
+    if model.task.name != "sequence_classification":
+        raise ValueError(f"the model is a {model.task.name} model; predict needs a sequence classifier")
+    if tokenizer is None:
+        raise ValueError("the checkpoint has no tokenizer (model/ in the run directory); pass --model HF_DIR")
+    return model, tokenizer
+
+
+def texts_from(args) -> list[str]:
+    if args.text:
+        return list(args.text)
+    out = []
+    with open(args.input, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{args.input}:{n}: not valid JSON ({e.msg})") from e
+            if not isinstance(record, dict) or not isinstance(record.get(args.text_field), str):
+                raise ValueError(f"{args.input}:{n}: no text in field {args.text_field!r}; set --text-field")
+            out.append(record[args.text_field])
+    if not out:
+        raise ValueError(f"{args.input}: no inputs")
+    return out
+
+
+def predict(model, tokenizer, texts: list[str], batch_size: int = 32, max_length: int = 128) -> list[dict]:
+    """Label names and probabilities for ``texts``."""
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def forward(state, ids, mask, types):
+        return nnx.merge(graphdef, state)(ids, mask, types)
+
+    task, out = model.task, []
+    for start in range(0, len(texts), batch_size):
+        chunk = texts[start : start + batch_size]
+        padded = chunk + [""] * (batch_size - len(chunk))  # a fixed shape: one compilation
+        enc = tokenizer(
+            padded, padding="max_length", truncation=True, max_length=max_length, return_tensors="np"
+        )
+        types = enc.get("token_type_ids") if getattr(model.cfg, "type_vocab_size", 0) else None
+        logits = np.asarray(forward(state, enc["input_ids"], enc["attention_mask"], types))[: len(chunk)]
+        for text, row in zip(chunk, logits, strict=True):
+            if task.problem_type == "regression":
+                out.append({"text": text, "value": row.tolist() if len(row) > 1 else float(row[0])})
+                continue
+            if task.problem_type == "multi_label_classification":
+                probs = 1.0 / (1.0 + np.exp(-row))
+                labels = [name for name, p in zip(task.labels, probs, strict=True) if p > 0.5]
+            else:
+                probs = np.asarray(jax.nn.softmax(jnp.asarray(row, jnp.float32)))
+                labels = task.labels[int(np.argmax(probs))]
+            out.append(
+                {
+                    "text": text,
+                    "label": labels,
+                    "probabilities": {n: float(p) for n, p in zip(task.labels, probs, strict=True)},
+                }
+            )
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jaxtune.predict", description=__doc__.split("\n")[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="training run directory, or WORKDIR/checkpoints/STEP")
+    source.add_argument("--model", help="Hugging Face directory of a classifier (an export, say)")
+    inputs = parser.add_mutually_exclusive_group(required=True)
+    inputs.add_argument("--text", action="append", help="a text to classify (repeatable)")
+    inputs.add_argument("--input", help="JSONL file, one object per line")
+    parser.add_argument("--text-field", default="text")
+    parser.add_argument("--output", help="JSONL file to write (default: standard output)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-length", type=int, default=128)
+    args = parser.parse_args(argv)
+    try:
+        model, tokenizer = load(args)
+        rows = predict(model, tokenizer, texts_from(args), args.batch_size, args.max_length)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    lines = "".join(json.dumps(r) + "\n" for r in rows)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(lines)
+    else:
+        sys.stdout.write(lines)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
