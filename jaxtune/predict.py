@@ -68,7 +68,7 @@ def predict(model, tokenizer, texts: list[str], batch_size: int = 32, max_length
     task, out = model.task, []
     for start in range(0, len(texts), batch_size):
         chunk = texts[start : start + batch_size]
-        padded = chunk + [""] * (batch_size - len(chunk))  # a fixed shape: one compilation
+        padded = chunk + [chunk[-1]] * (batch_size - len(chunk))  # a fixed shape: one compilation
         enc = tokenizer(
             padded, padding="max_length", truncation=True, max_length=max_length, return_tensors="np"
         )
@@ -94,18 +94,23 @@ def predict(model, tokenizer, texts: list[str], batch_size: int = 32, max_length
     return out
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jaxtune.predict", description=__doc__.split("\n")[0])
+def add_model_arguments(parser) -> None:
+    """The classifier to load and how to batch it: shared with ``python -m jaxtune.evaluate``."""
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="training run directory, or WORKDIR/checkpoints/STEP")
     source.add_argument("--model", help="Hugging Face directory of a classifier (an export, say)")
+    parser.add_argument("--text-field", default="text")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-length", type=int, default=128)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jaxtune.predict", description=__doc__.split("\n")[0])
+    add_model_arguments(parser)
     inputs = parser.add_mutually_exclusive_group(required=True)
     inputs.add_argument("--text", action="append", help="a text to classify (repeatable)")
     inputs.add_argument("--input", help="JSONL file, one object per line")
-    parser.add_argument("--text-field", default="text")
     parser.add_argument("--output", help="JSONL file to write (default: standard output)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--max-length", type=int, default=128)
     args = parser.parse_args(argv)
     try:
         model, tokenizer = load(args)

@@ -38,3 +38,40 @@ def test_predict_from_an_export_with_label_names(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["text"] == "so good"
     assert predict.main(["--model", assets.minilm(), "--text", "x"]) == 2  # a bare encoder: no labels
     assert "sequence classifier" in capsys.readouterr().err
+
+
+def test_evaluate_prints_the_metrics_of_a_classifier(tmp_path, capsys):
+    from jaxtune import evaluate, metrics
+
+    model = jaxtune.load_pretrained(
+        assets.minilm(), task="sequence_classification", id2label=["neg", "pos"], seed=2
+    )
+    tokenizer = jaxtune.load_tokenizer(assets.minilm())
+    jaxtune.save_pretrained(model, tmp_path / "clf", tokenizer=tokenizer)
+    rows = [
+        ("a gripping film", "pos"),
+        ("flat and dull", "neg"),
+        ("fine work", "pos"),
+        ("a mess", "neg"),
+        ("ok", "pos"),
+    ]
+    (tmp_path / "dev.jsonl").write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in rows))
+    out = tmp_path / "metrics.json"
+    assert (
+        evaluate.main(
+            ["--model", str(tmp_path / "clf"), "--data", str(tmp_path / "dev.jsonl"), "--output", str(out)]
+        )
+        == 0
+    )
+    printed = capsys.readouterr().out
+    assert "accuracy" in printed and "confusion matrix" in printed
+    got = json.loads(out.read_text())
+    preds = [r["label"] for r in predict.predict(model, tokenizer, [t for t, _ in rows])]
+    want = metrics.classification(
+        [["neg", "pos"].index(y) for _, y in rows], [["neg", "pos"].index(p) for p in preds], ["neg", "pos"]
+    )
+    assert got == want
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"text": "x", "label": "neutral"}) + "\n")
+    assert evaluate.main(["--model", str(tmp_path / "clf"), "--data", str(tmp_path / "bad.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert "bad.jsonl:1" in err and "'neutral'" in err

@@ -17,7 +17,7 @@ from jaxtune.data.sources import DataError
 log = logging.getLogger(__name__)
 
 
-def _label(record: dict, field: str, origin: str) -> str:
+def label_of(record: dict, field: str, origin: str) -> str:
     if field not in record or record[field] is None or str(record[field]).strip() == "":
         raise DataError(f"{origin}: no label in field {field!r}; set data.label_field or fix the record")
     return str(record[field]).strip()
@@ -25,7 +25,7 @@ def _label(record: dict, field: str, origin: str) -> str:
 
 def label_map(recs, field: str = "label") -> tuple[str, ...]:
     """Label names by id, from the training records."""
-    names = {_label(r, field, origin) for r, origin in recs}
+    names = {label_of(r, field, origin) for r, origin in recs}
     numeric = all(n.lstrip("-").isdigit() for n in names)
     return tuple(sorted(names, key=int) if numeric else sorted(names))
 
@@ -40,7 +40,7 @@ def classification_rows(recs, tokenizer, c, labels: tuple[str, ...]) -> dict[str
                 raise DataError(
                     f"{origin}: no text in field {field!r}; set data.text_field / data.text_pair_field"
                 )
-        name = _label(record, c.label_field, origin)
+        name = label_of(record, c.label_field, origin)
         if name not in ids_of:
             raise DataError(
                 f"{origin}: label {name!r} is not among the training labels {list(labels)}; "
