@@ -1,7 +1,7 @@
 """Predict labels with a classifier.
 
     python -m jaxtune.predict (--checkpoint WORKDIR[/checkpoints/STEP] | --model HF_DIR)
-        (--text "..." [--text "..."] | --input FILE.jsonl [--text-field text]) [--output FILE.jsonl]
+        (--text "..." [--text "..."] | --input FILE [--text-field text]) [--output FILE.jsonl]
 
 Writes one JSON object per input: the text, the label name (through the model's id2label) and the
 probability of every label (softmax; sigmoid for multi-label; the value for regression). Inputs go
@@ -38,22 +38,16 @@ def load(args):
 
 
 def texts_from(args) -> list[str]:
+    """The ``--text`` values, or the ``--text-field`` of every record of ``--input`` (any data file)."""
     if args.text:
         return list(args.text)
+    from jaxtune.data import sources
+
     out = []
-    with open(args.input, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{args.input}:{n}: not valid JSON ({e.msg})") from e
-            if not isinstance(record, dict) or not isinstance(record.get(args.text_field), str):
-                raise ValueError(f"{args.input}:{n}: no text in field {args.text_field!r}; set --text-field")
-            out.append(record[args.text_field])
-    if not out:
-        raise ValueError(f"{args.input}: no inputs")
+    for record, origin in sources.read(args.input):
+        if not isinstance(record.get(args.text_field), str):
+            raise ValueError(f"{origin}: no text in field {args.text_field!r}; set --text-field")
+        out.append(record[args.text_field])
     return out
 
 
@@ -109,7 +103,7 @@ def main(argv=None) -> int:
     add_model_arguments(parser)
     inputs = parser.add_mutually_exclusive_group(required=True)
     inputs.add_argument("--text", action="append", help="a text to classify (repeatable)")
-    inputs.add_argument("--input", help="JSONL file, one object per line")
+    inputs.add_argument("--input", help="a data file (.jsonl, .json, .csv, .tsv, .parquet)")
     parser.add_argument("--output", help="JSONL file to write (default: standard output)")
     args = parser.parse_args(argv)
     try:
