@@ -267,9 +267,8 @@ def run(config, workdir: str, stop_after: int | None = None, devices=None) -> di
             top = best["top_value"] is None or sign * (value - best["top_value"]) > 0
             if top:
                 best.update(top_value=value, top_step=step)
-            meta = {"step": step, "data": batches.state(), "frozen_paths": optim.paths(frozen), "best": best}
             # Every eval is offered; Orbax keeps the best_keep best by the metric.
-            ckpt.save_best(step, train_state, frozen, meta, {cc.best_metric: value})
+            ckpt.save_best(step, train_state, frozen, meta(step), {cc.best_metric: value})
             if top and jax.process_index() == 0:
                 ckpt.record_best(step, cc.best_metric, value)
         stop = bool(config.eval.patience) and best["bad"] >= config.eval.patience
@@ -297,8 +296,11 @@ def run(config, workdir: str, stop_after: int | None = None, devices=None) -> di
     def save(step: int) -> None:
         if not bool(finite(train_state["params"])):
             stop_bad("the parameters are not finite", step)
-        meta = {"step": step, "data": batches.state(), "frozen_paths": optim.paths(frozen), "best": best}
-        ckpt.save(step, train_state, frozen, meta)
+        ckpt.save(step, train_state, frozen, meta(step))
+
+    def meta(step: int) -> dict:
+        """What a checkpoint keeps beside the arrays: the data position and the best-metric record."""
+        return {"step": step, "data": batches.state(), "frozen_paths": optim.paths(frozen), "best": best}
 
     from tqdm.auto import tqdm
 

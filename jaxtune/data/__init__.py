@@ -174,16 +174,20 @@ def _held_out(recs, tokenizer, c, seed: int, labels=None) -> tuple[dict, dict | 
     records (of the rows, for a single text document)."""
     if not c.eval_fraction:
         return rows(recs, tokenizer, c, labels), None
-    rng = np.random.default_rng(seed)
+
+    def split(n):  # sorted (kept, held-out) indices of n items
+        order = np.random.default_rng(seed).permutation(n)
+        held = max(1, int(round(n * c.eval_fraction)))
+        return np.sort(order[held:]), np.sort(order[:held])
+
     if c.format == "text" and len(recs) < 2:
         all_rows = rows(recs, tokenizer, c)
-        order = rng.permutation(len(all_rows["tokens"]))
-        held = max(1, int(round(len(order) * c.eval_fraction)))
-        return take(all_rows, np.sort(order[held:])), take(all_rows, np.sort(order[:held]))
-    order = rng.permutation(len(recs))
-    held = max(1, int(round(len(recs) * c.eval_fraction)))
-    pick = lambda idx: [recs[i] for i in sorted(idx)]  # noqa: E731
-    return rows(pick(order[held:]), tokenizer, c, labels), rows(pick(order[:held]), tokenizer, c, labels)
+        kept, held = split(size(all_rows))
+        return take(all_rows, kept), take(all_rows, held)
+    kept, held = split(len(recs))
+    return rows([recs[i] for i in kept], tokenizer, c, labels), rows(
+        [recs[i] for i in held], tokenizer, c, labels
+    )
 
 
 def concat(parts: list[dict]) -> dict:

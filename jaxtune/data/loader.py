@@ -8,7 +8,7 @@ import logging
 import grain
 import numpy as np
 
-from jaxtune.data import size, take, to_batch
+from jaxtune.data import concat, size, take, to_batch
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class Batches:
             def load(pairs):
                 which, index = (np.asarray(x)[mine] for x in pairs)
                 picked = [take(parts[w], [j]) for w, j in zip(which, index, strict=True)]
-                return to_batch({k: np.concatenate([p[k] for p in picked]) for k in picked[0]})
+                return to_batch(concat(picked))
 
             dataset = mixed.map(load)
         options = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads)
