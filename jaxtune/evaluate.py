@@ -1,11 +1,14 @@
 """Evaluate a classifier on labelled data and print a metrics table.
 
     python -m jaxtune.evaluate (--checkpoint WORKDIR[/checkpoints/STEP] | --model HF_DIR) --data FILE
-        [--text-field text] [--text-pair-field ...] [--label-field label] [--output metrics.json]
+        [--text-field text] [--text-pair-field ...] [--label-field label] [--metric pkg.module:fn]
+        [--output metrics.json] [--plot confusion.png]
 
 FILE is any source the training data can be (.jsonl, .json, .csv, .tsv, .parquet, tfds:, hf:). Labels
 are mapped through the model's own id2label; a label the model does not know is an error naming the
-record. Prints accuracy, precision / recall / F1 (macro, micro, per class), MCC and the confusion matrix.
+record. Prints, by the model's problem type: accuracy, precision / recall / F1 (macro, micro, per
+class), MCC and the confusion matrix; exact match and F1 (multi-label); MSE, Pearson and Spearman
+(regression).
 """
 
 from __future__ import annotations
@@ -17,37 +20,44 @@ import sys
 import numpy as np
 
 from jaxtune import metrics
-from jaxtune.data import sources
-from jaxtune.data.classify import label_of
+from jaxtune.data import classify, sources
 
 
-def evaluate(model, tokenizer, records, text_field="text", pair_field="", label_field="label", **kw) -> dict:
-    """Metrics of ``model`` on ``records`` (``(record, origin)`` pairs)."""
+def evaluate(
+    model, tokenizer, records, text_field="text", pair_field="", label_field="label", extra=(), **kw
+) -> dict:
+    """Metrics of ``model`` on ``records`` (``(record, origin)`` pairs), by the model's problem type;
+    ``extra``: user metric functions (see :func:`jaxtune.metrics.user_metric`)."""
     from jaxtune.predict import predict
 
-    names = model.task.labels
-    ids = {n: i for i, n in enumerate(names)}
-    texts, labels = [], []
+    kind = model.task.problem_type
+    target = classify.target_of(label_field, classify.Labels(model.task.labels, kind))
+    texts, gold = [], []
     for record, origin in records:
-        name = label_of(record, label_field, origin)
-        if name not in ids:
-            raise sources.DataError(
-                f"{origin}: label {name!r} is not one of the model's labels {list(names)}"
-            )
         if not isinstance(record.get(text_field), str):
             raise sources.DataError(f"{origin}: no text in field {text_field!r}; set --text-field")
+        gold.append(target(record, origin))
         text = record[text_field]
         texts.append((text, record[pair_field]) if pair_field else text)
-        labels.append(ids[name])
     rows = predict(model, tokenizer, texts, **kw)
-    preds = [ids[r["label"]] for r in rows]
-    return metrics.classification(np.asarray(labels), np.asarray(preds), names)
+    y = np.asarray(gold)
+    if kind == classify.REGRESSION:
+        p = np.asarray([r["value"] for r in rows], np.float32)
+        return {**metrics.regression(y, p), **metrics.user_scores(extra, y, p)}
+    if kind == classify.MULTI:
+        on = np.asarray([[r["probabilities"][n] > 0.5 for n in model.task.labels] for r in rows])
+        # multilabel() thresholds logits at 0: +-1 carries the same decisions.
+        return {**metrics.multilabel(y, np.where(on, 1.0, -1.0)), **metrics.user_scores(extra, y, on * 1.0)}
+    ids = {n: i for i, n in enumerate(model.task.labels)}
+    p = np.asarray([ids[r["label"]] for r in rows])
+    return {**metrics.classification(y, p, model.task.labels), **metrics.user_scores(extra, y, p)}
 
 
 def table(result: dict) -> str:
     lines = [f"{k:24s} {v:.4f}" for k, v in result.items() if k != "confusion_matrix"]
-    lines.append("confusion matrix (rows: true, columns: predicted):")
-    lines += ["  " + " ".join(f"{x:6d}" for x in row) for row in result["confusion_matrix"]]
+    if "confusion_matrix" in result:
+        lines.append("confusion matrix (rows: true, columns: predicted):")
+        lines += ["  " + " ".join(f"{x:6d}" for x in row) for row in result["confusion_matrix"]]
     return "\n".join(lines)
 
 
@@ -60,7 +70,11 @@ def main(argv=None) -> int:
     parser.add_argument("--split", default="validation", help="split of tfds: / hf: sources")
     parser.add_argument("--text-pair-field", default="")
     parser.add_argument("--label-field", default="label")
+    parser.add_argument(
+        "--metric", action="append", default=[], help="extra metric, pkg.module:fn (repeatable)"
+    )
     parser.add_argument("--output", help="write the metrics as JSON here too")
+    parser.add_argument("--plot", help="write the confusion matrix as a PNG here")
     args = parser.parse_args(argv)
 
     try:
@@ -73,6 +87,7 @@ def main(argv=None) -> int:
             args.text_field,
             args.text_pair_field,
             args.label_field,
+            metrics.user_metrics(",".join(args.metric)),
             batch_size=args.batch_size,
             max_length=args.max_length,
         )
@@ -83,6 +98,10 @@ def main(argv=None) -> int:
     if args.output:
         with open(args.output, "w") as f:
             json.dump(result, f, indent=2)
+    if args.plot and "confusion_matrix" in result:
+        from jaxtune.plots import confusion_png
+
+        confusion_png(result["confusion_matrix"], model.task.labels, args.plot, args.data)
     return 0
 
 

@@ -4,7 +4,9 @@
   correlation (the multi-class form); the confusion matrix (rows: true label, columns: predicted).
 - :func:`regression`: mean squared error, Pearson and Spearman correlation (ties share average ranks).
 - :func:`multilabel`: exact-match accuracy, micro and macro F1 at probability 0.5.
-- :func:`user_metric`: a metric given by import path, ``package.module:function``.
+- :func:`user_metric`: a metric given by import path, ``package.module:function`` (``eval.metrics`` in
+  a run's config, ``--metric`` for ``python -m jaxtune.evaluate``), called with the label ids and the
+  predicted ids.
 
 Definitions follow scikit-learn's, including its zero-division convention (a class never predicted,
 or never present, scores 0 precision or recall instead of NaN).
@@ -111,3 +113,21 @@ def user_metric(path: str):
     if not callable(fn):
         raise ValueError(f"metric {path!r} is not a function")
     return fn
+
+
+def user_metrics(spec: str) -> list:
+    """The functions of a comma-separated list of ``package.module:function`` paths."""
+    return [user_metric(p.strip()) for p in spec.split(",") if p.strip()]
+
+
+def user_scores(fns, labels, preds) -> dict:
+    """Each user metric of (label ids, predicted ids): a number is named after its function, a dict
+    keeps its own names."""
+    out = {}
+    for fn in fns:
+        value = fn(np.asarray(labels), np.asarray(preds))
+        if isinstance(value, dict):
+            out.update({str(k): float(v) for k, v in value.items()})
+        else:
+            out[fn.__name__] = float(value)
+    return out

@@ -11,6 +11,7 @@ match (the first matching pattern wins). Frozen parameters are not in the optimi
 
 from __future__ import annotations
 
+import math
 import re
 
 import jax
@@ -65,8 +66,10 @@ def frozen_matcher(patterns):
 
 
 def schedule(c, total_steps: int):
-    """Learning rate by step: ``c.warmup_steps`` of linear warmup from 0, then ``c.schedule``."""
-    lr, warmup = c.lr, c.warmup_steps
+    """Learning rate by step: ``c.warmup_steps`` (or ``c.warmup_ratio`` of the run) of linear warmup from
+    0, then ``c.schedule``. Warmup then linear decay is Hugging Face's ``get_linear_schedule_with_warmup``
+    step for step."""
+    lr, warmup = c.lr, c.warmup_steps or int(math.ceil(c.warmup_ratio * total_steps))
     rest = max(total_steps - warmup, 1)
     end = lr * c.min_lr_ratio
     if c.schedule == "constant":

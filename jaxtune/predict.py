@@ -59,8 +59,11 @@ def predict(model, tokenizer, texts: list[str], batch_size: int = 32, max_length
     def forward(state, ids, mask, types):
         return nnx.merge(graphdef, state)(ids, mask, types)
 
+    from tqdm.auto import tqdm
+
     task, out = model.task, []
-    for start in range(0, len(texts), batch_size):
+    starts = range(0, len(texts), batch_size)
+    for start in tqdm(starts, desc="predict", unit="batch", disable=len(starts) < 4, leave=False):
         chunk = texts[start : start + batch_size]
         padded = chunk + [chunk[-1]] * (batch_size - len(chunk))  # a fixed shape: one compilation
         enc = tokenizer(

@@ -313,12 +313,25 @@ def save_pretrained(model, out_dir, tokenizer=None, dtype=None, max_shard_bytes=
     return out_dir
 
 
-def model_from_config(hf_config, dtype=jnp.float32, *, task=None, id2label=None, seed=0, mesh=None, rules=()):
+def model_from_config(
+    hf_config,
+    dtype=jnp.float32,
+    *,
+    task=None,
+    num_labels=None,
+    id2label=None,
+    problem_type=None,
+    seed=0,
+    mesh=None,
+    rules=(),
+):
     """A freshly initialised model (random weights, as transformers initialises them) for a transformers
     config object: training from scratch. With a ``mesh``, each parameter is created in its shards."""
     fam = family(hf_config.model_type, "config")
     cfg = fam.config_from_hf(hf_config)
-    spec = resolve_task(hf_config, fam, "config", task, id2label=id2label)
+    spec = resolve_task(
+        hf_config, fam, "config", task, num_labels=num_labels, id2label=id2label, problem_type=problem_type
+    )
     dtype = jnp.dtype(dtype)
 
     def create():

@@ -65,33 +65,53 @@ class Objective:
     def __init__(self, task, chunk_tokens: int):
         self.task, self.chunk_tokens = task, chunk_tokens
         self.causal = task.name == "causal_lm"
-        if not self.causal and (task.name, task.problem_type) != (
-            "sequence_classification",
-            "single_label_classification",
-        ):
-            raise ValueError(f"training {task.name} / {task.problem_type} is not supported yet")
+        if not self.causal and task.name != "sequence_classification":
+            raise ValueError(f"training {task.name} is not supported yet")
+        # Single-label losses average over examples; multi-label and regression ones over every output
+        # of every example, as transformers' BCEWithLogitsLoss and MSELoss do.
+        per_example = task.problem_type in ("multi_label_classification", "regression")
+        self.outputs = task.num_labels if per_example else 1
 
     def count(self, batch):
-        return jnp.sum((batch["loss_mask"] if self.causal else batch["weights"]).astype(jnp.float32))
+        if self.causal:
+            return jnp.sum(batch["loss_mask"].astype(jnp.float32))
+        return jnp.sum(batch["weights"].astype(jnp.float32)) * self.outputs
 
     def _logits(self, model, batch):
         return model(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
 
+    def _classification_loss(self, logits, batch):
+        if self.task.problem_type == "single_label_classification":
+            labels = jnp.where(batch["weights"] > 0, batch["labels"], IGNORE_INDEX)
+            return classification_loss(logits, labels, self.task.problem_type)
+        return classification_loss(logits, batch["labels"], self.task.problem_type, batch["weights"])
+
     def loss(self, model, batch):
         if self.causal:
             return causal_lm_loss(model, batch, self.chunk_tokens)
-        labels = jnp.where(batch["weights"] > 0, batch["labels"], IGNORE_INDEX)
-        return classification_loss(self._logits(model, batch), labels, self.task.problem_type)
+        return self._classification_loss(self._logits(model, batch), batch)
 
     def eval_metrics(self, model, batch) -> dict:
         if self.causal:
             total, count = causal_lm_loss(model, batch, self.chunk_tokens)
             return {"loss_sum": total, "count": count}
         logits = self._logits(model, batch)
-        labels = jnp.where(batch["weights"] > 0, batch["labels"], IGNORE_INDEX)
-        total, count = classification_loss(logits, labels, self.task.problem_type)
-        # Per-example predictions come back too: precision, F1, MCC and the confusion matrix need them.
-        return {"loss_sum": total, "count": count, "predictions": jnp.argmax(logits, -1), "labels": labels}
+        total, count = self._classification_loss(logits, batch)
+        kind = self.task.problem_type
+        if kind == "single_label_classification":
+            predictions = jnp.argmax(logits, -1)
+        elif kind == "regression" and logits.shape[-1] == 1:
+            predictions = logits[:, 0].astype(jnp.float32)
+        else:  # multi-label: the logits (a label is on above 0); regression with several outputs
+            predictions = logits.astype(jnp.float32)
+        # Per-example predictions come back too: F1, MCC, correlations and the confusion matrix need them.
+        return {
+            "loss_sum": total,
+            "count": count,
+            "predictions": predictions,
+            "labels": batch["labels"],
+            "weights": batch["weights"],
+        }
 
 
 def micro_batches(batch, n: int):

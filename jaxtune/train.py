@@ -24,11 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxtune import checkpoint, data, metrics, mfu, optim, pretrained, sharding, steps
+from jaxtune import checkpoint, data, metrics, mfu, optim, plots, pretrained, sharding, steps
 from jaxtune.config import ConfigError, check_command_line, validate
 from jaxtune.data.classify import label_map
 from jaxtune.data.loader import Batches, eval_batches
-from jaxtune.losses import IGNORE_INDEX
 from jaxtune.models import presets
 from jaxtune.writers import MetricsWriter
 
@@ -41,11 +40,16 @@ class TrainingError(RuntimeError):
 
 def load_model(config, mesh, rules, labels=None):
     """The model of ``config.model.path`` (a preset name: random init) in ``param_dtype``, in its shards;
-    a classifier gets ``labels`` (names by id) as its id2label."""
+    a classifier gets ``labels`` (a :class:`jaxtune.data.classify.Labels`) as its id2label and
+    problem_type."""
     c = config.model
     kwargs = dict(task=c.task, seed=config.train.seed, mesh=mesh, rules=rules)
     if labels is not None:
-        kwargs["id2label"] = list(labels)
+        kwargs["problem_type"] = labels.problem_type
+        if labels.names:
+            kwargs["id2label"] = list(labels.names)
+        else:
+            kwargs["num_labels"] = labels.num_labels
     if c.path in presets.PRESETS:
         model = pretrained.model_from_config(presets.hf_config(c.path), c.param_dtype, **kwargs)
     else:
@@ -118,9 +122,14 @@ def run(config, workdir: str, stop_after: int | None = None, devices=None) -> di
     tokenizer = load_tokenizer(config)
     labels = None
     if config.data.format == "classification":  # the label map comes from the training split alone
-        train_records = data.records(config.data.train, "data.train", config.data.split, config.data.data_dir)
-        labels = label_map(train_records, config.data.label_field)
-        log.info("%d labels from the training data: %s", len(labels), ", ".join(labels))
+        train_records = [r for group in data.train_groups(config.data) for r in group]
+        labels = label_map(train_records, config.data.label_field, config.model.problem_type)
+        log.info(
+            "%s, %d label(s) from the training data: %s",
+            labels.problem_type,
+            labels.num_labels,
+            ", ".join(labels.names) or "a value",
+        )
     model = load_model(config, mesh, rules, labels)
     objective = steps.Objective(model.task, config.model.loss_chunk_tokens)
     pretrained.write_config(model, os.path.join(workdir, "model"), config.model.param_dtype, tokenizer)
@@ -212,6 +221,7 @@ def run(config, workdir: str, stop_after: int | None = None, devices=None) -> di
     peak = mfu.peak_flops_per_device(c.peak_tflops) * len(devices)
     writer = MetricsWriter(workdir)
     summary = {"step": start}
+    extra_metrics = metrics.user_metrics(config.eval.metrics)
 
     def evaluate(step: int) -> bool:
         """Eval metrics for ``step``; True when early stopping says the run should end."""
@@ -222,33 +232,51 @@ def run(config, workdir: str, stop_after: int | None = None, devices=None) -> di
         for batch in eval_batches(eval_rows, eval_bs, config.eval.max_batches, pid, nproc):
             out = jax.device_get(eval_step(train_state["params"], frozen, _device_batch(batch, batch_sh)))
             if "predictions" in out:
-                keep = out["labels"] != IGNORE_INDEX  # padding rows of the last batch
+                keep = out.pop("weights") > 0  # not the padding rows of the last batch
                 labels_seen.append(out.pop("labels")[keep])
                 predicted.append(out.pop("predictions")[keep])
             for key, value in out.items():
                 sums[key] = sums.get(key, 0.0) + float(value)
-        count = max(sums["count"], 1.0)
-        loss = sums["loss_sum"] / count
+        loss = sums["loss_sum"] / max(sums["count"], 1.0)
         if predicted:
-            scores = metrics.classification(np.concatenate(labels_seen), np.concatenate(predicted), labels)
-            matrix = scores.pop("confusion_matrix")
-            values = {"loss": loss, **scores}
-            if jax.process_index() == 0:
-                with open(os.path.join(workdir, "confusion_matrix.json"), "w") as f:
-                    json.dump({"step": step, "labels": list(labels), "matrix": matrix}, f)
+            y, p = np.concatenate(labels_seen), np.concatenate(predicted)
+            values = {"loss": loss, **classifier_metrics(step, y, p)}
+            count, unit = len(y), "examples"
         else:
             values = {"loss": loss, "perplexity": math.exp(min(loss, 700.0))}
+            count, unit = sums["count"], "tokens"
         writer.write(step, "eval", **values)
         shown = {k: v for k, v in values.items() if "/" not in k}
         log.info(
             "eval at step %d (%d %s): %s",
             step,
             count,
-            "examples" if predicted else "tokens",
+            unit,
             ", ".join(f"{k} {v:.4f}" for k, v in shown.items()),
         )
         summary["eval_loss"] = loss
         return follow_best(step, values)
+
+    def classifier_metrics(step: int, y, p) -> dict:
+        """Metrics by problem type (single-label: with the confusion matrix as JSON and PNG), and the
+        user's metrics of eval.metrics."""
+        kind = labels.problem_type
+        if kind == "regression":
+            return {**metrics.regression(y, p), **metrics.user_scores(extra_metrics, y, p)}
+        if kind == "multi_label_classification":
+            return {
+                **metrics.multilabel(y, p),
+                **metrics.user_scores(extra_metrics, y, (p > 0).astype(y.dtype)),
+            }
+        scores = metrics.classification(y, p, labels.names)
+        matrix = scores.pop("confusion_matrix")
+        if jax.process_index() == 0:
+            with open(os.path.join(workdir, "confusion_matrix.json"), "w") as f:
+                json.dump({"step": step, "labels": list(labels.names), "matrix": matrix}, f)
+            plots.confusion_png(
+                matrix, labels.names, os.path.join(workdir, "confusion_matrix.png"), f"eval at step {step}"
+            )
+        return {**scores, **metrics.user_scores(extra_metrics, y, p)}
 
     def follow_best(step: int, values: dict) -> bool:
         if not cc.best_metric:
@@ -374,7 +402,10 @@ def run(config, workdir: str, stop_after: int | None = None, devices=None) -> di
         if step == total and not finished:
             evaluate(step)
         finished = finished or step == total
-        if finished and cc.load_best_at_end and best["top_step"] and best["top_step"] != step:
+        # The run ends on the best checkpoint when asked to, and so does the export unless it is told
+        # to take the last one.
+        end_on_best = cc.load_best_at_end or (config.export.at_end and config.export.checkpoint == "best")
+        if finished and end_on_best and best["top_step"] and best["top_step"] != step:
             ckpt.wait()
             abstract = {"params": _abstract(train_state["params"]), "frozen": _abstract(frozen)}
             best_step = best["top_step"]
@@ -417,7 +448,9 @@ def _finish(config, workdir, graphdef, params, frozen, tokenizer) -> None:
         log.info("exported Hugging Face weights to %s", out)
 
 
-def main(argv=None) -> int:
+def command_line(argv, prog: str, define=None):
+    """Parsed flags of ``prog --config configs/X.py[:arg] [--config.KEY=VALUE ...] --workdir DIR`` (plus
+    what ``define(flag_values)`` adds); a ConfigError naming the mistake otherwise."""
     from absl import flags
     from ml_collections import config_flags
 
@@ -426,22 +459,35 @@ def main(argv=None) -> int:
         "config", None, "configs/X.py[:arg]", flag_values=flags_, lock_config=True
     )
     flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics, export)", flag_values=flags_)
-    argv = sys.argv if argv is None else ["jaxtune.train", *argv]
+    if define is not None:
+        define(flags_)
+    argv = [prog, *argv]
     saved, sys.argv = sys.argv, argv  # config_flags finds the --config.KEY overrides in sys.argv
     try:
         check_command_line(argv[1:])
         flags_(argv)
-    except (ConfigError, flags.Error) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except flags.Error as e:
+        raise ConfigError(str(e)) from e
     finally:
         sys.argv = saved
     if flags_.config is None or not flags_.workdir:
-        print("error: pass --config configs/X.py and --workdir DIR", file=sys.stderr)
-        return 2
+        raise ConfigError("pass --config configs/X.py and --workdir DIR")
+    return flags_
+
+
+def log_to_console() -> None:
     # force: an imported library may already have configured the root logger at WARNING.
     logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", force=True)
     logging.getLogger("jaxtune").setLevel(logging.INFO)
+
+
+def main(argv=None) -> int:
+    try:
+        flags_ = command_line(sys.argv[1:] if argv is None else argv, "jaxtune.train")
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    log_to_console()
     try:
         run(flags_.config, flags_.workdir)
     except (ConfigError, FileNotFoundError, data.DataError) as e:

@@ -3,6 +3,7 @@ shards), TFDS without TensorFlow, and bad input."""
 
 import json
 import logging
+import os
 
 import jax.numpy as jnp
 import numpy as np
@@ -265,7 +266,7 @@ def test_classification_rows_and_label_map_from_sst2(shared_data):
     train = sources.read(str(shared_data / "sst2" / "train.tsv"))[:500]
     dev = sources.read(str(shared_data / "sst2" / "dev.tsv"))[:100]
     labels = label_map(train)
-    assert labels == ("0", "1")
+    assert labels.names == ("0", "1") and labels.problem_type == "single_label_classification"
     rows = classification_rows(dev, tok, c, labels)
     assert rows["input_ids"].shape == (100, 32) and rows["labels"].tolist() == [
         int(r["label"]) for r, _ in dev
@@ -282,7 +283,7 @@ def test_classification_errors_name_the_record(tmp_path):
         "\n".join(json.dumps(r) for r in [{"text": "good", "label": "pos"}, {"text": "bad", "label": "neg"}])
     )
     labels = label_map(sources.read(str(path)))
-    assert labels == ("neg", "pos")
+    assert labels.names == ("neg", "pos")
     path.write_text(
         json.dumps({"text": "meh", "label": "neutral"}) + "\n" + json.dumps({"label": "pos"}) + "\n"
     )
@@ -367,3 +368,34 @@ def test_hugging_face_dataset_saved_to_disk(tmp_path):
     got = sources.read(f"hf:{tmp_path / 'saved'}", split="validation")
     assert got == [({"text": "four", "label": 1}, f"hf:{tmp_path / 'saved'}[validation][0]")]
     assert [r["text"] for r, _ in sources.read(f"hf:{tmp_path / 'saved'}")] == ["one", "two", "three"]
+
+
+def test_first_n_records_and_dedupe(tmp_path, caplog):
+    rows = [
+        ("good", "pos"),
+        ("bad", "neg"),
+        ("good", "pos"),
+        ("good", "neg"),
+        ("fine", "pos"),
+        ("bad", "neg"),
+    ]
+    path = tmp_path / "t.jsonl"
+    path.write_text("\n".join(json.dumps({"text": t, "label": y}) for t, y in rows))
+    c = data_config(train=str(path), format="classification")
+    assert [r["text"] for r, _ in data.train_groups(c)[0]] == [t for t, _ in rows]
+    c.max_train_records = 4
+    assert [(r["text"], r["label"]) for r, _ in data.train_groups(c)[0]] == rows[:4]
+    c.max_train_records, c.dedupe = 0, True
+    with caplog.at_level("INFO"):
+        kept = data.train_groups(c)[0]
+    # The same text under another label is another example; exact repeats go, the first one stays.
+    assert [(r["text"], r["label"]) for r, _ in kept] == [rows[0], rows[1], rows[3], rows[4]]
+    assert [origin for _, origin in kept] == [f"{path}:{i}" for i in (1, 2, 4, 5)]
+    assert "dropped 2 repeated records of 6" in caplog.text
+
+
+def test_chatterbot_records_carry_topic_and_opening_utterance():
+    path = os.path.join(assets.chatterbot_corpus(), "food.yml")
+    recs = sources.read(path)
+    assert {r["topic"] for r, _ in recs} == {"food"}
+    assert recs[0][0]["utterance"] == recs[0][0]["messages"][0]["content"] == "do you drink"

@@ -406,7 +406,12 @@ def test_every_config_in_configs_validates():
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         assert "python -m jaxtune.train --config configs/" + path.name in module.__doc__, path
-        validate(module.get_config())
+        config = module.get_config()
+        if not config.data.train:  # a generic config: the data come from the command line
+            with pytest.raises(ConfigError, match="data.train is empty"):
+                validate(config)
+            config.data.train = "train.jsonl"
+        validate(config)
 
 
 @pytest.mark.parametrize(
@@ -424,6 +429,26 @@ def test_every_config_in_configs_validates():
         ({"optimizer.lr_multipliers": (("embed",),)}, ["lr_multipliers[0]", "(regex, multiplier)"]),
         ({"model.compute_dtype": "fp8"}, ["model.compute_dtype", "'fp8'", "bfloat16"]),
         ({"data.train": ""}, ["data.train", "empty"]),
+        ({"optimizer.warmup_ratio": 1.5}, ["optimizer.warmup_ratio", "1.5", "[0, 1)"]),
+        ({"export.checkpoint": "first"}, ["export.checkpoint", "'first'", "'best'", "'last'"]),
+        ({"model.problem_type": "ordinal"}, ["model.problem_type", "'ordinal'", "regression"]),
+        ({"eval.metrics": "accuracy"}, ["eval.metrics", "applies to classifiers"]),
+        (
+            {
+                "model.task": "sequence_classification",
+                "data.format": "classification",
+                "eval.metrics": "nope",
+            },
+            ["eval.metrics", "'nope'", "package.module:function"],
+        ),
+        (
+            {
+                "model.task": "sequence_classification",
+                "data.format": "classification",
+                "eval.metrics": "no_mod:f",
+            },
+            ["eval.metrics", "'no_mod:f'", "cannot be imported"],
+        ),
     ],
 )
 def test_bad_configs_give_one_line_errors(text_file, changes, words):
@@ -569,3 +594,83 @@ def test_early_stopping_ends_the_run_after_patience_evals_without_gain(text_file
     assert checkpoint.Checkpoints(str(tmp_path)).latest() == 4
     with pytest.raises(ConfigError, match="checkpoint.best_metric"):
         validate(tiny_config(text_file, **{"eval.patience": 2}))
+
+
+def test_warmup_ratio_with_linear_decay_is_trainers_schedule_step_for_step():
+    import torch
+    import transformers
+
+    c = defaults().optimizer
+    c.lr, c.schedule, c.warmup_ratio = 1e-4, "linear", 0.1
+    ours = optim.schedule(c, 500)
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-4)
+    theirs = transformers.get_linear_schedule_with_warmup(opt, 50, 500)  # ceil(0.1 * 500) warmup steps
+    for step in range(500):
+        assert float(ours(step)) == pytest.approx(theirs.get_last_lr()[0], rel=1e-5, abs=1e-12), step
+        opt.step()
+        theirs.step()
+
+
+@pytest.mark.parametrize("kind", ["regression", "multi_label_classification"])
+def test_regression_and_multi_label_classifiers_train_and_report_their_metrics(kind, tmp_path):
+    """Scores (non-integer numbers) train a regression head, lists of labels a multi-label one; the
+    problem type comes from the training labels and travels into the export."""
+    import torch
+    import transformers
+
+    from jaxtune import assets, evaluate
+    from jaxtune.data import sources
+
+    rng = np.random.RandomState(1)
+    score = {"superb": 0.95, "great": 0.8, "fine": 0.55, "dull": 0.25, "awful": 0.05}
+    rows = []
+    for _ in range(200):
+        word, music = rng.choice(list(score)), rng.rand() < 0.5
+        text = f"the acting was {word}" + (" and the music loud" if music else "")
+        tags = (["good"] if score[word] > 0.5 else []) + (["music"] if music else [])
+        rows.append({"text": text, "label": score[word] if kind == "regression" else tags})
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows[:160]))
+    (tmp_path / "dev.jsonl").write_text("\n".join(json.dumps(r) for r in rows[160:]))
+    c = defaults()
+    c.model.path = assets.minilm()
+    c.model.task = "sequence_classification"
+    c.data.train, c.data.eval = str(tmp_path / "train.jsonl"), str(tmp_path / "dev.jsonl")
+    c.data.format = "classification"
+    c.data.seq_len = 16
+    c.train.batch_size = 16
+    c.train.max_steps = 30
+    c.optimizer.lr = 3e-4
+    c.optimizer.warmup_steps = 3
+    c.eval.at_start = True
+    c.eval.batch_size = 24  # 40 dev rows: the last batch is padded, and the padding must not count
+    c.export.at_end = True
+    train.run(c, str(tmp_path / "run"))
+    before, after = metrics(tmp_path / "run", "eval")
+    saved = json.loads((tmp_path / "run" / "export" / "config.json").read_text())
+    assert saved["problem_type"] == kind
+    scored = evaluate.evaluate(
+        *checkpoint.restore_model(str(tmp_path / "run")),
+        sources.read(str(tmp_path / "dev.jsonl")),
+    )
+    if kind == "regression":
+        assert set(after) >= {"mse", "pearson", "spearman"} and len(saved["id2label"]) == 1
+        assert after["pearson"] > 0.9 and after["mse"] < before["mse"] / 4, (before, after)
+        # The eval loss is the mean squared error over the 40 real rows, padding left out.
+        assert after["loss"] == pytest.approx(after["mse"], rel=1e-4)
+        assert scored["mse"] == pytest.approx(after["mse"], rel=1e-3)
+    else:
+        assert saved["id2label"] == {"0": "good", "1": "music"}
+        assert after["exact_match"] >= 0.9 and after["exact_match"] > before["exact_match"], (before, after)
+        assert scored["exact_match"] == pytest.approx(after["exact_match"])
+    back = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "run" / "export")
+    assert back.config.problem_type == kind
+    enc = jaxtune.load_tokenizer(str(tmp_path / "run" / "export"))(
+        ["the acting was superb"], return_tensors="pt"
+    )
+    with torch.no_grad():
+        theirs = back(**enc).logits.numpy()
+    model, _ = checkpoint.restore_model(str(tmp_path / "run"))
+    ours = np.asarray(
+        model(enc["input_ids"].numpy(), enc["attention_mask"].numpy(), enc["token_type_ids"].numpy())
+    )
+    np.testing.assert_allclose(ours, theirs, atol=1e-4)

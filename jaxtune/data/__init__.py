@@ -28,11 +28,42 @@ from jaxtune.data.packing import pack, pad_rows
 from jaxtune.data.sources import DataError, expand, read
 
 log = logging.getLogger(__name__)
-__all__ = ["DataError", "load", "records", "to_batch", "take"]
+__all__ = ["DataError", "load", "records", "to_batch", "take", "train_groups"]
 
 
 def records(spec: str, key: str, split: str, data_dir: str = "") -> list[tuple[dict, str]]:
     return [r for source in expand(spec, key) for r in read(source, split, data_dir)]
+
+
+def train_groups(c) -> list[list[tuple[dict, str]]]:
+    """The training records of ``config.data``: one list per mixture component (each source in
+    ``data.train`` when ``data.weights`` is set, else one list of all), each cut to the first
+    ``data.max_train_records``."""
+    sources = expand(c.train, "data.train")
+    if c.weights and len(c.weights) != len(sources):
+        raise DataError(
+            f"data.weights has {len(c.weights)} weights but data.train names {len(sources)} sources "
+            f"({', '.join(sources)}); give one weight per source"
+        )
+    groups = [[s] for s in sources] if c.weights else [sources]
+    limit = c.max_train_records or None
+    out = [[r for source in group for r in read(source, c.split, c.data_dir)][:limit] for group in groups]
+    return [_dedupe(recs, c) for recs in out] if c.dedupe else out
+
+
+def _dedupe(recs, c):
+    """The first of each set of equal records (for classification: equal texts and label), before any
+    held-out split, so no copy of a training example is evaluated on; the count goes to the log."""
+    fields = (c.text_field, c.text_pair_field, c.label_field) if c.format == "classification" else None
+    seen, out = set(), []
+    for record, origin in recs:
+        key = json.dumps([record.get(f) for f in fields] if fields else record, sort_keys=True, default=str)
+        if key not in seen:
+            seen.add(key)
+            out.append((record, origin))
+    if len(out) < len(recs):
+        log.info("data.dedupe: dropped %d repeated records of %d", len(recs) - len(out), len(recs))
+    return out
 
 
 def _field(record: dict, name: str, origin: str):
@@ -243,16 +274,8 @@ def load(c, tokenizer, seed: int, labels=None) -> tuple[list[dict], dict | None]
 
 
 def _load(c, tokenizer, seed: int, labels=None) -> tuple[list[dict], dict | None]:
-    train_sources = expand(c.train, "data.train")
-    if c.weights and len(c.weights) != len(train_sources):
-        raise DataError(
-            f"data.weights has {len(c.weights)} weights but data.train names {len(train_sources)} sources "
-            f"({', '.join(train_sources)}); give one weight per source"
-        )
-    groups = [[s] for s in train_sources] if c.weights else [train_sources]
     parts, held = [], []
-    for group in groups:
-        recs = [r for source in group for r in read(source, c.split, c.data_dir)]
+    for recs in train_groups(c):
         train_rows, held_rows = _held_out(recs, tokenizer, c, seed, labels)
         parts.append(train_rows)
         held += [held_rows] if held_rows is not None else []

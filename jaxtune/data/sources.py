@@ -140,7 +140,9 @@ def _txt(path):
 
 
 def _yaml(path):
-    """chatterbot-corpus dialogs: alternating user / assistant utterances."""
+    """chatterbot-corpus dialogs: alternating user / assistant utterances (``messages``), with the
+    file's first category as ``topic`` and the opening utterance as ``utterance`` (topic
+    classification)."""
     import yaml
 
     with open(path, encoding="utf-8") as f:
@@ -149,10 +151,12 @@ def _yaml(path):
         raise DataError(f"{path}: not a chatterbot dialog file (no 'conversations' list)")
     out, skipped = [], []
     roles = ("user", "assistant")
+    categories = doc.get("categories") or [os.path.splitext(os.path.basename(path))[0]]
     for i, conv in enumerate(doc["conversations"]):
         if isinstance(conv, list) and len(conv) >= 2 and all(isinstance(u, str) for u in conv):
             messages = [{"role": roles[j % 2], "content": u} for j, u in enumerate(conv)]
-            out.append(({"messages": messages}, f"{path}[{i}]"))
+            record = {"messages": messages, "topic": str(categories[0]), "utterance": conv[0]}
+            out.append((record, f"{path}[{i}]"))
         else:
             skipped.append(str(i))
     if skipped:
