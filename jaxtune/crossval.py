@@ -162,22 +162,10 @@ def main(argv=None) -> int:
     def define(flag_values):
         flags.DEFINE_integer("folds", 5, "number of folds", flag_values=flag_values)
 
-    try:
-        flags_ = train.command_line(sys.argv[1:] if argv is None else argv, "jaxtune.crossval", define)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    train.log_to_console()
-    try:
-        out = run(flags_.config, flags_.workdir, flags_.folds)
-    except (ConfigError, FileNotFoundError, data.DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except train.TrainingError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(table(out))
-    return 0
+    def body(flags_):
+        print(table(run(flags_.config, flags_.workdir, flags_.folds)))
+
+    return train.cli(argv, "jaxtune.crossval", body, define)
 
 
 if __name__ == "__main__":

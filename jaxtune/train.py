@@ -481,15 +481,17 @@ def log_to_console() -> None:
     logging.getLogger("jaxtune").setLevel(logging.INFO)
 
 
-def main(argv=None) -> int:
+def cli(argv, prog: str, body, define=None) -> int:
+    """A command around a run: parse the flags, log to the console, call ``body(flags)``; a config or
+    data mistake is one line on stderr and exit status 2, a failed run (TrainingError) status 1."""
     try:
-        flags_ = command_line(sys.argv[1:] if argv is None else argv, "jaxtune.train")
+        flags_ = command_line(sys.argv[1:] if argv is None else argv, prog, define)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     log_to_console()
     try:
-        run(flags_.config, flags_.workdir)
+        body(flags_)
     except (ConfigError, FileNotFoundError, data.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -497,6 +499,10 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def main(argv=None) -> int:
+    return cli(argv, "jaxtune.train", lambda flags_: run(flags_.config, flags_.workdir))
 
 
 if __name__ == "__main__":

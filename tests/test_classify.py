@@ -239,6 +239,8 @@ def test_crossval_runs_every_fold_and_reports_mean_and_std(shared_data, tmp_path
         ones = sum(r["label"] == "1" for r in held)
         assert abs(ones - sum(y == "1" for _, y in first60) / 3) <= 1
     assert sorted(seen) == sorted(first60)
+    assert crossval.main([*argv[:2], "--folds", "1", "--workdir", str(tmp_path / "cv1")]) == 2
+    assert "--folds 1: cross-validation needs at least 2 folds" in capsys.readouterr().err
     # A rerun finds every fold finished and trains nothing.
     stamps = [os.path.getmtime(tmp_path / "cv" / f"fold_{f}" / "metrics.jsonl") for f in range(3)]
     assert crossval.main(argv) == 0
