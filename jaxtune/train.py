@@ -142,7 +142,10 @@ def run(config, workdir: str, stop_after: int | None = None, devices=None) -> di
 
     train_rows, eval_rows = data.load(config.data, tokenizer, c.seed, labels)
     pid, nproc = jax.process_index(), jax.process_count()
-    batches = Batches(train_rows, c.batch_size, c.seed, pid, nproc, weights=config.data.weights)
+    multiple = config.data.pad_to_multiple_of
+    batches = Batches(
+        train_rows, c.batch_size, c.seed, pid, nproc, weights=config.data.weights, pad_to_multiple_of=multiple
+    )
     total = c.max_steps or c.num_epochs * batches.steps_per_epoch
 
     graphdef, state = nnx.split(model)
@@ -216,8 +219,12 @@ def run(config, workdir: str, stop_after: int | None = None, devices=None) -> di
         log.info("resumed from %s at step %d", ckpt.dir, start)
 
     eval_bs = config.eval.batch_size or c.batch_size
-    tokens_per_step = c.batch_size * config.data.seq_len
-    flops_per_step = mfu.flops_per_token(cfg, config.data.seq_len, objective.causal) * tokens_per_step
+
+    def step_cost(length: int) -> tuple[int, float]:
+        """Tokens and training FLOPs of a step whose rows are ``length`` long."""
+        tokens = c.batch_size * length
+        return tokens, mfu.flops_per_token(cfg, length, objective.causal) * tokens
+
     peak = mfu.peak_flops_per_device(c.peak_tflops) * len(devices)
     writer = MetricsWriter(workdir)
     summary = {"step": start}
@@ -229,7 +236,7 @@ def run(config, workdir: str, stop_after: int | None = None, devices=None) -> di
             return False
         sums: dict[str, float] = {}
         labels_seen, predicted = [], []
-        for batch in eval_batches(eval_rows, eval_bs, config.eval.max_batches, pid, nproc):
+        for batch in eval_batches(eval_rows, eval_bs, config.eval.max_batches, pid, nproc, multiple):
             out = jax.device_get(eval_step(train_state["params"], frozen, _device_batch(batch, batch_sh)))
             if "predictions" in out:
                 keep = out.pop("weights") > 0  # not the padding rows of the last batch
@@ -335,7 +342,7 @@ def run(config, workdir: str, stop_after: int | None = None, devices=None) -> di
     bar = tqdm(total=total, initial=start, desc="train", disable=pid != 0, dynamic_ncols=True)
     clock = [time.perf_counter()]
 
-    def report(step: int, step_metrics) -> None:
+    def report(step: int, step_metrics, length: int) -> None:
         """Log a step's metrics (fetched one step late, so the device is never idle waiting)."""
         m = jax.device_get(step_metrics)
         now = time.perf_counter()
@@ -343,8 +350,9 @@ def run(config, workdir: str, stop_after: int | None = None, devices=None) -> di
         loss = float(m["loss"])
         if not math.isfinite(loss):
             stop_bad(f"loss is {loss}", step)
-        tps = tokens_per_step / seconds
-        util = flops_per_step / seconds / peak if peak else 0.0
+        tokens, flops = step_cost(length)
+        tps = tokens / seconds
+        util = flops / seconds / peak if peak else 0.0
         summary.update(step=step, loss=loss)
         bar.update(step - bar.n)
         bar.set_postfix(
@@ -364,20 +372,30 @@ def run(config, workdir: str, stop_after: int | None = None, devices=None) -> di
     with sharding.activation_sharding(mesh, rules):
         if config.eval.at_start and not start:
             evaluate(0)
-        t0 = time.perf_counter()
-        first = _device_batch(next(batches), batch_sh)
-        compiled = train_step.lower(train_state, frozen, first).compile()
-        log.info("train step compiled in %.1f s", time.perf_counter() - t0)
+        executables = {}  # by row length: one, unless data.pad_to_multiple_of cuts batches to their rows
+
+        def compiled_for(batch):
+            length = batch["input_ids"].shape[1]
+            if length not in executables:
+                t0 = time.perf_counter()
+                executables[length] = train_step.lower(train_state, frozen, batch).compile()
+                took = time.perf_counter() - t0
+                clock[0] += took  # compilation is not a step's time
+                log.info("train step compiled in %.1f s (rows of %d tokens)", took, length)
+            return executables[length]
+
+        batch = _device_batch(next(batches), batch_sh)
+        compiled_for(batch)
         clock[0] = time.perf_counter()
-        pending, step, batch = None, start, first
+        pending, step = None, start
         finished = start == total
         with _Preemption() as preempt:
             while step < total:
-                train_state, step_metrics = compiled(train_state, frozen, batch)
+                train_state, step_metrics = compiled_for(batch)(train_state, frozen, batch)
                 step += 1
                 if pending is not None:
                     report(*pending)
-                pending = (step, step_metrics)
+                pending = (step, step_metrics, batch["input_ids"].shape[1])
                 last = step == total
                 save_now = last or (
                     config.checkpoint.every_steps and step % config.checkpoint.every_steps == 0

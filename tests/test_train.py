@@ -674,3 +674,44 @@ def test_regression_and_multi_label_classifiers_train_and_report_their_metrics(k
         model(enc["input_ids"].numpy(), enc["attention_mask"].numpy(), enc["token_type_ids"].numpy())
     )
     np.testing.assert_allclose(ours, theirs, atol=1e-4)
+
+
+def test_batches_cut_to_their_longest_row_train_like_full_rows(tmp_path, caplog):
+    """data.pad_to_multiple_of: each batch is cut to its longest row rounded up to 8 tokens; losses and
+    eval metrics equal those of full seq_len rows, and the step compiles once per length."""
+    from jaxtune import assets, data
+    from jaxtune.data.classify import label_map
+    from jaxtune.data.loader import Batches
+
+    rng = np.random.RandomState(3)
+    words = ["good", "bad", "plot", "cast", "music", "long", "very", "the", "film", "and"]
+    # Mostly short texts, one in ten long: batches with a long one need 32 tokens, others 8.
+    sizes = [25 if rng.rand() < 0.1 else rng.randint(1, 6) for _ in range(96)]
+    rows = [{"text": " ".join(rng.choice(words, size=n)), "label": str(rng.randint(2))} for n in sizes]
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    c = defaults()
+    c.model.path = assets.minilm()
+    c.model.task = "sequence_classification"
+    c.data.train, c.data.format, c.data.eval_fraction = str(tmp_path / "train.jsonl"), "classification", 0.25
+    c.data.seq_len = 32
+    c.train.batch_size = 8
+    c.train.max_steps = 6
+    c.optimizer.lr = 1e-4
+    c.eval.batch_size = 8
+    train.run(c, str(tmp_path / "full"))
+    c.data.pad_to_multiple_of = 8
+    with caplog.at_level(logging.INFO, logger="jaxtune.train"):
+        train.run(c, str(tmp_path / "cut"))
+    cut_losses, full_losses = losses(tmp_path / "cut"), losses(tmp_path / "full")
+    assert sorted(cut_losses) == sorted(full_losses) == list(range(1, 7))
+    np.testing.assert_allclose(list(cut_losses.values()), list(full_losses.values()), atol=1e-5)
+    (full,), (cut,) = metrics(tmp_path / "full", "eval"), metrics(tmp_path / "cut", "eval")
+    assert cut["accuracy"] == full["accuracy"] and cut["loss"] == pytest.approx(full["loss"], abs=1e-5)
+    # The lengths the run's batches had: every one a multiple of 8, more than one of them.
+    labels = label_map([(r, "x") for r in rows])
+    train_rows, _ = data.load(c.data, jaxtune.load_tokenizer(assets.minilm()), 0, labels)
+    batches = Batches(train_rows, 8, 0, pad_to_multiple_of=8)
+    lengths = {next(batches)["input_ids"].shape[1] for _ in range(6)}
+    assert len(lengths) > 1 and all(n % 8 == 0 and n <= 32 for n in lengths), lengths
+    compiled = [r.getMessage() for r in caplog.records if "train step compiled" in r.getMessage()]
+    assert sorted(int(m.split("rows of ")[1].split()[0]) for m in compiled) == sorted(lengths)

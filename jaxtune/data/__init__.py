@@ -288,6 +288,22 @@ def take(rows: dict, index) -> dict:
     return {k: v[index] for k, v in rows.items()}
 
 
+TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids")  # per-token arrays of classification rows
+
+
+def trim(rows: dict, masks, multiple: int) -> dict:
+    """Classification rows cut to the longest row of ``masks`` (the attention masks of the whole global
+    batch, so every process cuts alike) rounded up to a multiple of ``multiple``: each batch pays for the
+    length it needs, and the step compiles once per length (at most seq_len / multiple of them). The
+    rows are right-padded, so only padding goes."""
+    if not multiple or "labels" not in rows:
+        return rows
+    width = masks.shape[1]
+    longest = max(int(np.asarray(masks).sum(1).max()), 1)
+    length = min(-(-longest // multiple) * multiple, width)
+    return {k: v[:, :length] if k in TOKEN_KEYS else v for k, v in rows.items()}
+
+
 def to_batch(rows: dict) -> dict[str, np.ndarray]:
     """Model inputs and targets from rows of seq_len + 1 tokens. In packed rows the target that
     crosses from one example into the next carries no loss, and positions restart per example.

@@ -154,7 +154,16 @@ def classification_rows(recs, tokenizer, c, labels: Labels) -> dict[str, np.ndar
             len(full),
             c.seq_len,
         )
-    enc = tokenizer(*args, truncation=True, max_length=c.seq_len, padding="max_length", return_tensors="np")
+    # Right padding: a row's tokens are its first attention_mask.sum() positions, so a batch can be cut
+    # to its longest row (data.pad_to_multiple_of) without losing any.
+    enc = tokenizer(
+        *args,
+        truncation=True,
+        max_length=c.seq_len,
+        padding="max_length",
+        padding_side="right",
+        return_tensors="np",
+    )
     out = {
         "input_ids": enc["input_ids"].astype(np.int32),
         "attention_mask": enc["attention_mask"].astype(np.int32),

@@ -8,7 +8,7 @@ import logging
 import grain
 import numpy as np
 
-from jaxtune.data import concat, size, take, to_batch
+from jaxtune.data import concat, size, take, to_batch, trim
 
 log = logging.getLogger(__name__)
 
@@ -19,6 +19,9 @@ class Batches:
     ``[process_index * share, (process_index + 1) * share)`` of every global batch. With several
     ``parts`` and their ``weights``, each row is drawn from a part with its weight (each part reshuffled
     on every pass through it).
+
+    With ``pad_to_multiple_of``, classification batches are cut to their longest row rounded up to a
+    multiple of it (:func:`jaxtune.data.trim`).
 
     ``state()`` (Grain's iterator state, a small JSON-able dict) goes into the checkpoint;
     ``restore(state)`` continues with exactly the batches an uninterrupted run would have seen.
@@ -33,6 +36,7 @@ class Batches:
         process_count: int = 1,
         weights=(),
         threads: int = 2,
+        pad_to_multiple_of: int = 0,
     ):
         parts = [parts] if isinstance(parts, dict) else list(parts)
         sizes = [size(p) for p in parts]
@@ -49,9 +53,15 @@ class Batches:
             if n % batch_size:
                 log.info("%d of %d rows sit out each epoch (a different set each epoch)", n % batch_size, n)
             dataset = grain.MapDataset.range(n).shuffle(seed=seed).batch(batch_size, drop_remainder=True)
-            dataset = dataset.repeat(None).map(
-                lambda index: to_batch(take(parts[0], np.asarray(index)[mine]))
-            )
+
+            def load_rows(index):
+                index = np.asarray(index)
+                rows = take(parts[0], index[mine])
+                if pad_to_multiple_of:
+                    rows = trim(rows, parts[0]["attention_mask"][index], pad_to_multiple_of)
+                return to_batch(rows)
+
+            dataset = dataset.repeat(None).map(load_rows)
         else:
             streams = [
                 grain.MapDataset.range(size).shuffle(seed=seed + i).repeat(None).map(lambda j, i=i: (i, j))
@@ -62,9 +72,15 @@ class Batches:
             )
 
             def load(pairs):
-                which, index = (np.asarray(x)[mine] for x in pairs)
-                picked = [take(parts[w], [j]) for w, j in zip(which, index, strict=True)]
-                return to_batch(concat(picked))
+                which, index = (np.asarray(x) for x in pairs)
+                picked = [take(parts[w], [j]) for w, j in zip(which[mine], index[mine], strict=True)]
+                rows = concat(picked)
+                if pad_to_multiple_of:
+                    masks = np.stack(
+                        [parts[w]["attention_mask"][j] for w, j in zip(which, index, strict=True)]
+                    )
+                    rows = trim(rows, masks, pad_to_multiple_of)
+                return to_batch(rows)
 
             dataset = mixed.map(load)
         options = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads)
@@ -84,10 +100,16 @@ class Batches:
 
 
 def eval_batches(
-    rows: dict, batch_size: int, max_batches: int = 0, process_index: int = 0, process_count: int = 1
+    rows: dict,
+    batch_size: int,
+    max_batches: int = 0,
+    process_index: int = 0,
+    process_count: int = 1,
+    pad_to_multiple_of: int = 0,
 ):
     """Every eval row once, in order; the last batch is padded with empty rows (no loss) so that every
-    batch has the same shape and the eval step compiles once."""
+    batch has the same shape and the eval step compiles once (once per length with
+    ``pad_to_multiple_of``: see :func:`jaxtune.data.trim`)."""
     n = size(rows)
     count = -(-n // batch_size)
     if max_batches:
@@ -102,4 +124,7 @@ def eval_batches(
         part = {
             k: np.where(real.reshape(-1, *[1] * (v.ndim - 1)), v, 0).astype(v.dtype) for k, v in part.items()
         }
+        if pad_to_multiple_of:
+            every = np.arange(b * batch_size, min((b + 1) * batch_size, n))
+            part = trim(part, rows["attention_mask"][every], pad_to_multiple_of)
         yield to_batch(part)
