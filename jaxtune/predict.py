@@ -5,7 +5,8 @@
 
 Writes one JSON object per input: the text, the label name (through the model's id2label) and the
 probability of every label (softmax; sigmoid for multi-label; the value for regression). Inputs go
-through the model in batches of a fixed shape, so the forward pass compiles once.
+through the model in batches of a fixed size, padded to their longest text in steps of 8 tokens, so the
+forward pass compiles once per length.
 """
 
 from __future__ import annotations
@@ -65,9 +66,16 @@ def predict(model, tokenizer, texts: list[str], batch_size: int = 32, max_length
     starts = range(0, len(texts), batch_size)
     for start in tqdm(starts, desc="predict", unit="batch", disable=len(starts) < 4, leave=False):
         chunk = texts[start : start + batch_size]
-        padded = chunk + [chunk[-1]] * (batch_size - len(chunk))  # a fixed shape: one compilation
+        padded = chunk + [chunk[-1]] * (batch_size - len(chunk))  # a fixed batch size
+        # Padded to the longest text rounded up to 8 tokens: a handful of shapes, one compilation each.
         enc = tokenizer(
-            padded, padding="max_length", truncation=True, max_length=max_length, return_tensors="np"
+            padded,
+            padding="longest",
+            pad_to_multiple_of=8,
+            truncation=True,
+            max_length=max_length,
+            padding_side="right",
+            return_tensors="np",
         )
         types = enc.get("token_type_ids") if getattr(model.cfg, "type_vocab_size", 0) else None
         logits = np.asarray(forward(state, enc["input_ids"], enc["attention_mask"], types))[: len(chunk)]

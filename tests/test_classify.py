@@ -31,6 +31,7 @@ def sst2_config(shared_data, **changes):
     c.data.eval = str(shared_data / "sst2" / "dev.tsv")
     c.data.text_field = "sentence"
     c.data.seq_len = 48
+    c.data.pad_to_multiple_of = 8
     c.train.batch_size = 32
     c.optimizer.schedule = "linear"
     c.optimizer.warmup_ratio = 0.1
