@@ -57,7 +57,7 @@ def defaults() -> ml_collections.ConfigDict:
         eval="",
         eval_fraction=0.0,  # with no data.eval: hold out this fraction of the training records
         max_train_records=0,  # read only the first N records of data.train (of each weighted source); 0 = all
-        dedupe=False,  # drop repeated training records (classification: the same texts and label)
+        dedupe=False,  # drop repeated training records, keeping the first (classification: the same texts)
         split="train",  # the split of tfds: and hf: sources for data.train
         eval_split="validation",  # ... and for data.eval
         data_dir="",  # TFDS data_dir ("" = TFDS's default)
@@ -120,7 +120,7 @@ def defaults() -> ml_collections.ConfigDict:
         batch_size=0,  # 0: train.batch_size
         patience=0,  # early stopping: stop after this many evals without a gain in checkpoint.best_metric
         min_delta=0.0,  # the smallest change that counts as a gain
-        metrics="",  # classifiers: extra metrics, "pkg.module:fn[,...]"; fn(label_ids, predicted_ids)
+        metrics="",  # classifiers: extra metrics "pkg.module:fn[,...]"; fn(true, predicted) -> number or dict
     )
     c.sample = dict(prompts=(), max_new_tokens=32)  # generated at the end, printed and saved
     c.export = dict(

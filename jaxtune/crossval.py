@@ -2,24 +2,27 @@
 
     python -m jaxtune.crossval --config configs/X.py[:arg] [--config.KEY=VALUE ...] --folds K --workdir DIR
 
-The records of ``data.train`` (after ``data.max_train_records``) are split into K folds with
-``train.seed``: stratified by label for single-label classification (every fold holds each label's
-share to within one record), a seeded shuffle otherwise (regression, multi-label, language models).
-Run k trains on the other K - 1 folds and evaluates on fold k; ``DIR/fold_k/`` holds its
-``train.jsonl`` and ``eval.jsonl``, its checkpoints and metrics, and ``fold.json`` (its final eval
-metrics: those of the best checkpoint when ``checkpoint.load_best_at_end`` brought it back).
-``DIR/crossval.json`` holds every fold's metrics with their mean and standard deviation over the folds
-(ddof 1), also printed as a table. A rerun on DIR skips the finished folds and resumes an interrupted
-one from its checkpoints.
+The records of ``data.train`` (after ``data.max_train_records`` and ``data.dedupe``) are split into K
+folds with ``train.seed``: stratified by label for single-label classification (every fold holds each
+label's share to within one record), a seeded shuffle otherwise (regression, multi-label, language
+models). Every fold gets the label space of all the records. Run k trains on the other K - 1 folds and
+evaluates on fold k; ``DIR/fold_k/`` holds its ``train.jsonl`` and ``eval.jsonl``, its checkpoints and
+metrics, and ``fold.json`` (its last eval: the end of the recipe, never a checkpoint picked on the fold's
+own eval data; folds write no export). ``DIR/crossval.json`` holds every fold's metrics with their mean
+and standard deviation over the folds (ddof 1), also printed as a table. A rerun on DIR skips the
+finished folds and resumes an interrupted one from its checkpoints; ``DIR/crossval_plan.json`` makes
+sure it is the same split.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import sys
 
+import jax
 import numpy as np
 
 from jaxtune import data
@@ -53,14 +56,36 @@ def _write_jsonl(path: str, recs) -> None:
             f.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
 
 
-def _final_eval(workdir: str, best_step) -> dict:
+def _last_eval(workdir: str) -> dict:
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         evals = [r for r in map(json.loads, f) if r["split"] == "eval"]
     if not evals:
         raise ConfigError(f"{workdir} has no eval metrics; a fold's run must evaluate (it has eval data)")
-    pick = [r for r in evals if r["step"] == best_step] if best_step else []
-    row = (pick or evals)[-1]
-    return {k: v for k, v in row.items() if k != "split"}
+    return {k: v for k, v in evals[-1].items() if k != "split"}
+
+
+def _check_plan(workdir: str, plan: dict) -> None:
+    """Write the split's fingerprint, or check that a rerun on ``workdir`` splits the same way (its
+    finished folds and checkpoints belong to that split: another one would leak eval data)."""
+    path = os.path.join(workdir, "crossval_plan.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            before = json.load(f)
+        if before != plan:
+            raise ConfigError(
+                f"{workdir} holds the folds of another split ({before}, now {plan}); use a new --workdir"
+            )
+    elif jax.process_index() == 0:
+        with open(path, "w") as f:
+            json.dump(plan, f)
+
+
+def _sync(name: str) -> None:
+    """Every process waits here (after process 0 wrote files the others read)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def run(config, workdir: str, k: int) -> dict:
@@ -82,25 +107,26 @@ def run(config, workdir: str, k: int) -> dict:
     recs = data.train_groups(c)[0]
     if len(recs) < k:
         raise ConfigError(f"data.train has {len(recs)} records, fewer than --folds {k}")
-    kind = config.model.problem_type or (
-        c.format == "classification" and classify.problem_type(recs, c.label_field)
-    )
-    if kind == classify.SINGLE:
-        labels = [classify.label_of(r, c.label_field, origin) for r, origin in recs]
-        names, counts = np.unique(labels, return_counts=True)
-        single = [str(n) for n, m in zip(names, counts, strict=True) if m == 1]
-        if single:
-            raise ConfigError(
-                f"label(s) {', '.join(map(repr, single))} have a single record in data.train: the fold that "
-                "holds it out would train without that label; add examples or remove the record"
-            )
-        small = [f"{n!r} ({m})" for n, m in zip(names, counts, strict=True) if m < k]
+    # One label space for every fold, from all the records: a fold's training part may lack a rare label.
+    labels = None
+    if c.format == "classification":
+        labels = classify.label_map(recs, c.label_field, config.model.problem_type)
+    if labels is not None and labels.problem_type == classify.SINGLE:
+        names = [classify.label_of(r, c.label_field, origin) for r, origin in recs]
+        values, counts = np.unique(names, return_counts=True)
+        small = [f"{n!r} ({m})" for n, m in zip(values, counts, strict=True) if m < k]
         if small:
-            log.warning("labels with fewer records than folds, absent from some folds: %s", ", ".join(small))
-        held = folds(labels, k, config.train.seed)
+            log.warning(
+                "labels with fewer records than folds are absent from some folds' eval (and a label with "
+                "one record is never trained on in the fold that holds it out): %s",
+                ", ".join(small),
+            )
+        held = folds(names, k, config.train.seed)
     else:
         held = folds(len(recs), k, config.train.seed)
     os.makedirs(workdir, exist_ok=True)
+    fingerprint = hashlib.sha256(json.dumps([h.tolist() for h in held]).encode()).hexdigest()[:16]
+    _check_plan(workdir, {"folds": k, "seed": config.train.seed, "records": len(recs), "split": fingerprint})
     results = []
     for f, eval_index in enumerate(held):
         fold_dir = os.path.join(workdir, f"fold_{f}")
@@ -110,25 +136,29 @@ def run(config, workdir: str, k: int) -> dict:
                 results.append(json.load(fh))
             log.info("fold %d of %d: finished before, read from %s", f + 1, k, done)
             continue
-        os.makedirs(fold_dir, exist_ok=True)
         keep = np.ones(len(recs), bool)
         keep[eval_index] = False
         train_file, eval_file = os.path.join(fold_dir, "train.jsonl"), os.path.join(fold_dir, "eval.jsonl")
-        _write_jsonl(train_file, [recs[i] for i in np.flatnonzero(keep)])
-        _write_jsonl(eval_file, [recs[i] for i in eval_index])
+        if jax.process_index() == 0:
+            os.makedirs(fold_dir, exist_ok=True)
+            _write_jsonl(train_file, [recs[i] for i in np.flatnonzero(keep)])
+            _write_jsonl(eval_file, [recs[i] for i in eval_index])
+        _sync(f"crossval fold {f} files")
         fold_config = config.copy_and_resolve_references()
         fold_config.data.train, fold_config.data.eval = train_file, eval_file
         fold_config.data.eval_fraction, fold_config.data.max_train_records = 0.0, 0
+        fold_config.export.at_end = False  # folds measure the recipe; train the final model on all data
         log.info("fold %d of %d: %d training and %d eval records", f + 1, k, keep.sum(), len(eval_index))
-        summary = train.run(fold_config, fold_dir)
+        train.run(fold_config, fold_dir, labels=labels)
         result = {
             "fold": f,
             "train_records": int(keep.sum()),
             "eval_records": len(eval_index),
-            "metrics": _final_eval(fold_dir, summary.get("best_step")),
+            "metrics": _last_eval(fold_dir),
         }
-        with open(done, "w") as fh:
-            json.dump(result, fh, indent=2)
+        if jax.process_index() == 0:
+            with open(done, "w") as fh:
+                json.dump(result, fh, indent=2)
         results.append(result)
     keys = [key for key in results[0]["metrics"] if key != "step"]
     values = {key: np.asarray([r["metrics"].get(key, np.nan) for r in results], np.float64) for key in keys}
@@ -137,8 +167,9 @@ def run(config, workdir: str, k: int) -> dict:
         "mean": {key: float(np.mean(v)) for key, v in values.items()},
         "std": {key: float(np.std(v, ddof=1)) for key, v in values.items()},
     }
-    with open(os.path.join(workdir, "crossval.json"), "w") as fh:
-        json.dump(out, fh, indent=2)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "crossval.json"), "w") as fh:
+            json.dump(out, fh, indent=2)
     return out
 
 

@@ -5,11 +5,12 @@
 - :func:`regression`: mean squared error, Pearson and Spearman correlation (ties share average ranks).
 - :func:`multilabel`: exact-match accuracy, micro and macro F1 at probability 0.5.
 - :func:`user_metric`: a metric given by import path, ``package.module:function`` (``eval.metrics`` in
-  a run's config, ``--metric`` for ``python -m jaxtune.evaluate``), called with the label ids and the
-  predicted ids.
+  a run's config, ``--metric`` for ``python -m jaxtune.evaluate``), called with the true and predicted
+  labels: ids for single-label classification, values for regression, 0/1 matrices for multi-label.
 
 Definitions follow scikit-learn's, including its zero-division convention (a class never predicted,
-or never present, scores 0 precision or recall instead of NaN).
+or never present, scores 0 precision or recall instead of NaN) and its default macro average over the
+labels that occur in the true or predicted labels (per-label scores are reported for every label).
 """
 
 from __future__ import annotations
@@ -45,11 +46,16 @@ def classification(labels, preds, names) -> dict:
     cov_ypyp = n * n - np.dot(predicted, predicted)
     cov_ytyt = n * n - np.dot(actual, actual)
     mcc = float(_safe_div(cov_ytyp, np.sqrt(cov_ytyt * cov_ypyp)))
+    # Macro averages over the labels that occur (true or predicted), as scikit-learn's default does: a
+    # label absent from this eval set (a rare class, a cross-validation fold) would otherwise count as 0.
+    present = (actual + predicted) > 0
+    if not present.any():
+        present[:] = True
     out = {
         "accuracy": float(correct / max(n, 1)),
-        "precision_macro": float(precision.mean()),
-        "recall_macro": float(recall.mean()),
-        "f1_macro": float(f1.mean()),
+        "precision_macro": float(precision[present].mean()),
+        "recall_macro": float(recall[present].mean()),
+        "f1_macro": float(f1[present].mean()),
         # Every example is one prediction, so micro precision = micro recall = micro F1 = accuracy.
         "f1_micro": float(correct / max(n, 1)),
         "mcc": mcc,
@@ -121,8 +127,8 @@ def user_metrics(spec: str) -> list:
 
 
 def user_scores(fns, labels, preds) -> dict:
-    """Each user metric of (label ids, predicted ids): a number is named after its function, a dict
-    keeps its own names."""
+    """Each user metric of (true, predicted) labels: a number is named after its function, a dict keeps
+    its own names."""
     out = {}
     for fn in fns:
         value = fn(np.asarray(labels), np.asarray(preds))

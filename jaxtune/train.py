@@ -106,11 +106,13 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def run(config, workdir: str, stop_after: int | None = None, devices=None) -> dict:
+def run(config, workdir: str, stop_after: int | None = None, devices=None, labels=None) -> dict:
     """Train as ``config`` says, in ``workdir``; returns the last train and eval losses and the step.
 
     ``stop_after`` ends the run after that many steps in total (with a checkpoint), as a preemption
     would: a later run on the same workdir continues it. ``devices`` (default: all) carry the mesh.
+    ``labels``: a classifier's label space (:class:`jaxtune.data.classify.Labels`) when it is not to be
+    read from the training records (cross-validation fixes one for every fold).
     """
     devices = jax.devices() if devices is None else list(devices)
     validate(config, len(devices))
@@ -120,8 +122,7 @@ def run(config, workdir: str, stop_after: int | None = None, devices=None) -> di
     mesh = sharding.make_mesh(config, devices)
     rules = tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in config.mesh.rules)
     tokenizer = load_tokenizer(config)
-    labels = None
-    if config.data.format == "classification":  # the label map comes from the training split alone
+    if config.data.format == "classification" and labels is None:  # from the training split alone
         train_records = [r for group in data.train_groups(config.data) for r in group]
         labels = label_map(train_records, config.data.label_field, config.model.problem_type)
         log.info(

@@ -247,3 +247,7 @@ def test_crossval_runs_every_fold_and_reports_mean_and_std(shared_data, tmp_path
     assert crossval.main(argv) == 0
     assert [os.path.getmtime(tmp_path / "cv" / f"fold_{f}" / "metrics.jsonl") for f in range(3)] == stamps
     assert capsys.readouterr().out == table
+    # Another split on the same workdir would reuse folds (and checkpoints) of the old one: refused.
+    assert crossval.main([*argv[:2], "--folds", "2", "--workdir", str(tmp_path / "cv")]) == 2
+    assert "holds the folds of another split" in capsys.readouterr().err
+    assert not (tmp_path / "cv" / "fold_0" / "export").exists()  # folds measure; they export nothing

@@ -52,9 +52,9 @@ def train_groups(c) -> list[list[tuple[dict, str]]]:
 
 
 def _dedupe(recs, c):
-    """The first of each set of equal records (for classification: equal texts and label), before any
-    held-out split, so no copy of a training example is evaluated on; the count goes to the log."""
-    fields = (c.text_field, c.text_pair_field, c.label_field) if c.format == "classification" else None
+    """The first of each set of equal records (for classification: equal texts, whatever their labels),
+    before any held-out split, so no text is both trained and evaluated on; the count goes to the log."""
+    fields = (c.text_field, c.text_pair_field) if c.format == "classification" else None
     seen, out = set(), []
     for record, origin in recs:
         key = json.dumps([record.get(f) for f in fields] if fields else record, sort_keys=True, default=str)

@@ -100,6 +100,8 @@ def label_map(recs, field: str = "label", kind: str = "") -> Labels:
             names.update(str(x).strip() for x in (value if isinstance(value, list) else [value]))
     else:
         names = {label_of(r, field, origin) for r, origin in recs}
+    if not names:
+        raise DataError(f"the training data have no labels in field {field!r}; add labelled records")
     numeric = all(n.lstrip("-").isdigit() for n in names)
     return Labels(tuple(sorted(names, key=int) if numeric else sorted(names)), kind)
 
