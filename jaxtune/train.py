@@ -375,9 +375,11 @@ def run(config, workdir: str, stop_after: int | None = None, devices=None, label
             evaluate(0)
         executables = {}  # by row length: one, unless data.pad_to_multiple_of cuts batches to their rows
 
-        def compiled_for(batch):
+        def compiled_for(batch, running=None):
             length = batch["input_ids"].shape[1]
             if length not in executables:
+                if running is not None:  # the step in flight ends first: its time is not the compile's
+                    jax.block_until_ready(running)
                 t0 = time.perf_counter()
                 executables[length] = train_step.lower(train_state, frozen, batch).compile()
                 took = time.perf_counter() - t0
@@ -392,7 +394,8 @@ def run(config, workdir: str, stop_after: int | None = None, devices=None, label
         finished = start == total
         with _Preemption() as preempt:
             while step < total:
-                train_state, step_metrics = compiled_for(batch)(train_state, frozen, batch)
+                running = pending[1] if pending is not None else None
+                train_state, step_metrics = compiled_for(batch, running)(train_state, frozen, batch)
                 step += 1
                 if pending is not None:
                     report(*pending)
