@@ -114,7 +114,7 @@ def run(config, workdir: str, k: int) -> dict:
     if labels is not None and labels.problem_type == classify.SINGLE:
         names = [classify.label_of(r, c.label_field, origin) for r, origin in recs]
         values, counts = np.unique(names, return_counts=True)
-        small = [f"{n!r} ({m})" for n, m in zip(values, counts, strict=True) if m < k]
+        small = [f"{str(n)!r} ({m})" for n, m in zip(values, counts, strict=True) if m < k]
         if small:
             log.warning(
                 "labels with fewer records than folds are absent from some folds' eval (and a label with "
