@@ -497,9 +497,24 @@ def command_line(argv, prog: str, define=None):
     return flags_
 
 
+class _Stderr(logging.StreamHandler):
+    """A handler that writes to whatever ``sys.stderr`` is when a record comes, not the stream of the
+    moment it was made (a caller, or a test, may swap and close that one)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def log_to_console() -> None:
     # force: an imported library may already have configured the root logger at WARNING.
-    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", force=True)
+    logging.basicConfig(
+        format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", handlers=[_Stderr()], force=True
+    )
     logging.getLogger("jaxtune").setLevel(logging.INFO)
 
 

@@ -196,7 +196,7 @@ def test_folds_are_disjoint_stratified_and_cover_the_data():
     assert sorted(np.concatenate(plain)) == list(range(10)) and sorted(map(len, plain)) == [3, 3, 4]
 
 
-def test_crossval_runs_every_fold_and_reports_mean_and_std(shared_data, tmp_path, capsys, monkeypatch):
+def test_crossval_runs_every_fold_and_reports_mean_and_std(shared_data, tmp_path, capsys):
     import os
 
     cfg = tmp_path / "cv.py"
@@ -216,8 +216,6 @@ def test_crossval_runs_every_fold_and_reports_mean_and_std(shared_data, tmp_path
         "    return c\n"
     )
     argv = ["--config", str(cfg), "--folds", "3", "--workdir", str(tmp_path / "cv")]
-    # The CLI would point the root logger at this test's captured stderr, closed after the test.
-    monkeypatch.setattr(train, "log_to_console", lambda: None)
     assert crossval.main(argv) == 0
     table = capsys.readouterr().out
     assert "accuracy" in table and "+-" in table
