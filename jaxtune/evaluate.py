@@ -17,8 +17,6 @@ import argparse
 import json
 import sys
 
-import numpy as np
-
 from jaxtune import metrics
 from jaxtune.data import classify, sources
 
@@ -40,17 +38,14 @@ def evaluate(
         text = record[text_field]
         texts.append((text, record[pair_field]) if pair_field else text)
     rows = predict(model, tokenizer, texts, **kw)
-    y = np.asarray(gold)
     if kind == classify.REGRESSION:
-        p = np.asarray([r["value"] for r in rows], np.float32)
-        return {**metrics.regression(y, p), **metrics.user_scores(extra, y, p)}
-    if kind == classify.MULTI:
-        on = np.asarray([[r["probabilities"][n] > 0.5 for n in model.task.labels] for r in rows])
-        # multilabel() thresholds logits at 0: +-1 carries the same decisions.
-        return {**metrics.multilabel(y, np.where(on, 1.0, -1.0)), **metrics.user_scores(extra, y, on * 1.0)}
-    ids = {n: i for i, n in enumerate(model.task.labels)}
-    p = np.asarray([ids[r["label"]] for r in rows])
-    return {**metrics.classification(y, p, model.task.labels), **metrics.user_scores(extra, y, p)}
+        preds = [r["value"] for r in rows]
+    elif kind == classify.MULTI:  # +-1: on where the probability is above 0.5, as a logit above 0
+        preds = [[1.0 if r["probabilities"][n] > 0.5 else -1.0 for n in model.task.labels] for r in rows]
+    else:
+        ids = {n: i for i, n in enumerate(model.task.labels)}
+        preds = [ids[r["label"]] for r in rows]
+    return metrics.for_problem(kind, gold, preds, model.task.labels, extra)
 
 
 def table(result: dict) -> str:

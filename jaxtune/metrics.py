@@ -106,6 +106,18 @@ def multilabel(targets, logits) -> dict:
     }
 
 
+def for_problem(problem_type: str, labels, preds, names=(), extra=()) -> dict:
+    """The metrics of ``problem_type`` and the user metrics ``extra``. ``preds``: predicted ids
+    (single-label; the result has the confusion matrix too), values (regression) or scores that are
+    positive where a label is on (multi-label: logits)."""
+    y, p = np.asarray(labels), np.asarray(preds)
+    if problem_type == "regression":
+        return {**regression(y, p), **user_scores(extra, y, p)}
+    if problem_type == "multi_label_classification":
+        return {**multilabel(y, p), **user_scores(extra, y, (p > 0).astype(np.float32))}
+    return {**classification(y, p, names), **user_scores(extra, y, p)}
+
+
 def user_metric(path: str):
     """The function at ``package.module:function``; it is called as ``fn(labels, predictions)`` and
     returns a number or a dict of numbers."""

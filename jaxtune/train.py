@@ -268,15 +268,9 @@ def run(config, workdir: str, stop_after: int | None = None, devices=None, label
     def classifier_metrics(step: int, y, p) -> dict:
         """Metrics by problem type (single-label: with the confusion matrix as JSON and PNG), and the
         user's metrics of eval.metrics."""
-        kind = labels.problem_type
-        if kind == "regression":
-            return {**metrics.regression(y, p), **metrics.user_scores(extra_metrics, y, p)}
-        if kind == "multi_label_classification":
-            return {
-                **metrics.multilabel(y, p),
-                **metrics.user_scores(extra_metrics, y, (p > 0).astype(y.dtype)),
-            }
-        scores = metrics.classification(y, p, labels.names)
+        scores = metrics.for_problem(labels.problem_type, y, p, labels.names, extra_metrics)
+        if "confusion_matrix" not in scores:
+            return scores
         matrix = scores.pop("confusion_matrix")
         if jax.process_index() == 0:
             with open(os.path.join(workdir, "confusion_matrix.json"), "w") as f:
@@ -284,7 +278,7 @@ def run(config, workdir: str, stop_after: int | None = None, devices=None, label
             plots.confusion_png(
                 matrix, labels.names, os.path.join(workdir, "confusion_matrix.png"), f"eval at step {step}"
             )
-        return {**scores, **metrics.user_scores(extra_metrics, y, p)}
+        return scores
 
     def follow_best(step: int, values: dict) -> bool:
         if not cc.best_metric:

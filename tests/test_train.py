@@ -478,13 +478,23 @@ def test_cli_reports_config_errors_in_one_line(text_file, tmp_path, capsys):
     assert "\n" not in err and "mesh data=3" in err
 
 
+def minilm_classifier(train_file):
+    """The defaults with all-MiniLM-L6-v2 as a sequence classifier of ``train_file``."""
+    from jaxtune import assets
+
+    c = defaults()
+    c.model.path = assets.minilm()
+    c.model.task = "sequence_classification"
+    c.data.train = str(train_file)
+    c.data.format = "classification"
+    return c
+
+
 def test_sequence_classification_training_learns_and_exports_its_labels(tmp_path):
     """A real encoder (all-MiniLM-L6-v2) fine-tuned on a small labelled file; the label map comes from
     the training split and travels into the checkpoint's config and the export."""
     import torch
     import transformers
-
-    from jaxtune import assets
 
     rng = np.random.RandomState(0)
     good, bad = ["great", "lovely", "superb", "fine"], ["awful", "dull", "poor", "bad"]
@@ -499,11 +509,7 @@ def test_sequence_classification_training_learns_and_exports_its_labels(tmp_path
             }
         )
     (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    c = defaults()
-    c.model.path = assets.minilm()
-    c.model.task = "sequence_classification"
-    c.data.train = str(tmp_path / "train.jsonl")
-    c.data.format = "classification"
+    c = minilm_classifier(tmp_path / "train.jsonl")
     c.data.text_field = "sentence"
     c.data.eval_fraction = 0.2
     c.data.seq_len = 16
@@ -618,7 +624,7 @@ def test_regression_and_multi_label_classifiers_train_and_report_their_metrics(k
     import torch
     import transformers
 
-    from jaxtune import assets, evaluate
+    from jaxtune import evaluate
     from jaxtune.data import sources
 
     rng = np.random.RandomState(1)
@@ -631,11 +637,8 @@ def test_regression_and_multi_label_classifiers_train_and_report_their_metrics(k
         rows.append({"text": text, "label": score[word] if kind == "regression" else tags})
     (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows[:160]))
     (tmp_path / "dev.jsonl").write_text("\n".join(json.dumps(r) for r in rows[160:]))
-    c = defaults()
-    c.model.path = assets.minilm()
-    c.model.task = "sequence_classification"
-    c.data.train, c.data.eval = str(tmp_path / "train.jsonl"), str(tmp_path / "dev.jsonl")
-    c.data.format = "classification"
+    c = minilm_classifier(tmp_path / "train.jsonl")
+    c.data.eval = str(tmp_path / "dev.jsonl")
     c.data.seq_len = 16
     c.train.batch_size = 16
     c.train.max_steps = 30
@@ -689,10 +692,8 @@ def test_batches_cut_to_their_longest_row_train_like_full_rows(tmp_path, caplog)
     sizes = [25 if rng.rand() < 0.1 else rng.randint(1, 6) for _ in range(96)]
     rows = [{"text": " ".join(rng.choice(words, size=n)), "label": str(rng.randint(2))} for n in sizes]
     (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    c = defaults()
-    c.model.path = assets.minilm()
-    c.model.task = "sequence_classification"
-    c.data.train, c.data.format, c.data.eval_fraction = str(tmp_path / "train.jsonl"), "classification", 0.25
+    c = minilm_classifier(tmp_path / "train.jsonl")
+    c.data.eval_fraction = 0.25
     c.data.seq_len = 32
     c.train.batch_size = 8
     c.train.max_steps = 6
