@@ -4,6 +4,7 @@ evaluates on the whole dev set, keeps the two best checkpoints by accuracy, load
 and exports it."""
 
 import json
+import shutil
 import sys
 
 import numpy as np
@@ -74,6 +75,7 @@ def trained(shared_data, tmp_path_factory):
     summary = train.run(config, str(where / "run"))
     yield where / "run", summary
     sys.path.remove(str(where))
+    shutil.rmtree(where)  # 0.6 GB of checkpoints and export; tmp_path_factory would keep it to the end
 
 
 def test_training_beats_the_untrained_head_on_the_dev_set(trained):
