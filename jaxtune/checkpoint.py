@@ -9,9 +9,11 @@ config.json and tokenizer are in ``workdir/model/``, written once at the start o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import shutil
 
 import jax
 import orbax.checkpoint as ocp
@@ -20,6 +22,11 @@ log = logging.getLogger(__name__)
 TMP_MARK = ".orbax-checkpoint-tmp"
 BEST_RECORD = "best.json"  # in checkpoints_best/: the step whose metric is the best so far
 ITEMS = ("params", "frozen", "opt_state")
+DISK_FULL = "No space left on device"  # how the OS's ENOSPC reads in Orbax's and TensorStore's errors
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be written (the disk is full); the message names the step, sizes and way out."""
 
 
 def directory(workdir: str) -> str:
@@ -70,11 +77,30 @@ class Checkpoints:
         return self.manager.latest_step()
 
     def save(self, step: int, state: dict, frozen: dict, meta: dict) -> None:
-        self.manager.save(step, args=_args(state, frozen, meta), force=True)
+        self._room(step, self.dir, state, frozen)
+        with _disk_full_is_one_line(self.dir):
+            self.manager.save(step, args=_args(state, frozen, meta), force=True)
 
     def save_best(self, step: int, state: dict, frozen: dict, meta: dict, metrics: dict) -> None:
         """Offer a checkpoint to the best-k set; Orbax keeps it if its metric ranks among the best."""
-        self.best.save(step, args=_args(state, frozen, meta), metrics=metrics, force=True)
+        self._room(step, self.dir + "_best", state, frozen)
+        with _disk_full_is_one_line(self.dir + "_best"):
+            self.best.save(step, args=_args(state, frozen, meta), metrics=metrics, force=True)
+
+    @staticmethod
+    def _room(step: int, where: str, state: dict, frozen: dict) -> None:
+        """Refuse a save that cannot fit before it starts: a disk filled half-way fails in Orbax's
+        background threads with pages of tracebacks, and leaves a partial directory behind."""
+        free = free_bytes(where)
+        need = _bytes_written_here((state["params"], state["opt_state"], frozen))
+        if free is not None and need > free:
+            raise CheckpointError(
+                _full_message(
+                    f"the checkpoint of step {step}",
+                    where,
+                    f"it needs {_size(need)}, {_size(free)} are free",
+                )
+            )
 
     def record_best(self, step: int, metric: str, value: float) -> None:
         with open(os.path.join(self.dir + "_best", BEST_RECORD), "w") as f:
@@ -96,14 +122,69 @@ class Checkpoints:
         return {k: restored.get(k, v) for k, v in abstract.items()} | {"meta": restored["meta"]}
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
-        if self.best is not None:
-            self.best.wait_until_finished()
+        with _disk_full_is_one_line(self.dir):
+            self.manager.wait_until_finished()
+            if self.best is not None:
+                self.best.wait_until_finished()
 
     def close(self) -> None:
         self.manager.close()
         if self.best is not None:
             self.best.close()
+
+    def abandon(self) -> None:
+        """Close after a failed run: a save still in flight may fail too, and that must not hide the
+        error the run stopped for."""
+        for manager in (self.manager, self.best):
+            try:
+                if manager is not None:
+                    manager.close()
+            except Exception as e:  # noqa: BLE001 - logged; the run's own error is already on its way
+                log.warning("closing the checkpoints in %s after the failed run: %s", self.dir, str(e)[:300])
+
+
+def free_bytes(path: str) -> int | None:
+    """Free bytes on the disk of ``path``; None where the OS cannot tell (a remote file system)."""
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
+def _bytes_written_here(tree) -> int:
+    """What this process writes of ``tree``: one copy of each shard it holds (replica 0)."""
+    total = 0
+    for x in jax.tree.leaves(tree):
+        if isinstance(x, jax.Array):
+            total += sum(s.data.nbytes for s in x.addressable_shards if s.replica_id == 0)
+        elif hasattr(x, "nbytes"):
+            total += x.nbytes
+    return total
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def _full_message(what: str, where: str, detail: str) -> str:
+    return (
+        f"no room for {what} in {where} ({detail}); free disk space, lower checkpoint.keep / "
+        "checkpoint.best_keep, or pass a --workdir on a bigger disk"
+    )
+
+
+@contextlib.contextmanager
+def _disk_full_is_one_line(where: str):
+    """Turns ENOSPC from Orbax into a CheckpointError. Saves are asynchronous, so a full disk shows
+    at the next save or wait, not necessarily the step being saved."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except Exception as e:
+        if DISK_FULL not in str(e):
+            raise
+        raise CheckpointError(_full_message("a checkpoint", where, DISK_FULL)) from e
 
 
 def _args(state: dict, frozen: dict, meta: dict):

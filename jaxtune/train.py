@@ -196,245 +196,264 @@ def run(config, workdir: str, stop_after: int | None = None, devices=None, label
 
     cc = config.checkpoint
     ckpt = checkpoint.Checkpoints(workdir, cc.keep, cc.async_save, cc.best_metric, cc.best_mode, cc.best_keep)
-    # Early stopping and best-k follow one eval metric; its record survives a resume through meta.
-    # value/step/bad: early stopping (a gain must exceed eval.min_delta); top_value/top_step: the best so far.
-    best = {"value": None, "step": None, "bad": 0, "top_value": None, "top_step": None}
-    start = ckpt.latest() or 0
-    if start:
-        restored = ckpt.restore(
-            start,
-            {
-                "params": _abstract(params),
-                "frozen": _abstract(frozen),
-                "opt_state": _abstract(train_state["opt_state"]),
-            },
-        )
-        train_state = {
-            "params": restored["params"],
-            "opt_state": restored["opt_state"],
-            "step": jax.device_put(jnp.asarray(start, jnp.int32), state_sh["step"]),
-        }
-        frozen = restored["frozen"]
-        batches.restore(restored["meta"]["data"])
-        best.update(restored["meta"].get("best", {}))
-        log.info("resumed from %s at step %d", ckpt.dir, start)
-
-    eval_bs = config.eval.batch_size or c.batch_size
-
-    def step_cost(length: int) -> tuple[int, float]:
-        """Tokens and training FLOPs of a step whose rows are ``length`` long."""
-        tokens = c.batch_size * length
-        return tokens, mfu.flops_per_token(cfg, length, objective.causal) * tokens
-
-    peak = mfu.peak_flops_per_device(c.peak_tflops) * len(devices)
     writer = MetricsWriter(workdir)
-    summary = {"step": start}
-    extra_metrics = metrics.user_metrics(config.eval.metrics)
-
-    def evaluate(step: int) -> bool:
-        """Eval metrics for ``step``; True when early stopping says the run should end."""
-        if eval_rows is None:
-            return False
-        sums: dict[str, float] = {}
-        labels_seen, predicted = [], []
-        for batch in eval_batches(eval_rows, eval_bs, config.eval.max_batches, pid, nproc, multiple):
-            out = jax.device_get(eval_step(train_state["params"], frozen, _device_batch(batch, batch_sh)))
-            if "predictions" in out:
-                keep = out.pop("weights") > 0  # not the padding rows of the last batch
-                labels_seen.append(out.pop("labels")[keep])
-                predicted.append(out.pop("predictions")[keep])
-            for key, value in out.items():
-                sums[key] = sums.get(key, 0.0) + float(value)
-        loss = sums["loss_sum"] / max(sums["count"], 1.0)
-        if predicted:
-            y, p = np.concatenate(labels_seen), np.concatenate(predicted)
-            values = {"loss": loss, **classifier_metrics(step, y, p)}
-            count, unit = len(y), "examples"
-        else:
-            values = {"loss": loss, "perplexity": math.exp(min(loss, 700.0))}
-            count, unit = sums["count"], "tokens"
-        writer.write(step, "eval", **values)
-        shown = {k: v for k, v in values.items() if "/" not in k}
-        log.info(
-            "eval at step %d (%d %s): %s",
-            step,
-            count,
-            unit,
-            ", ".join(f"{k} {v:.4f}" for k, v in shown.items()),
-        )
-        summary["eval_loss"] = loss
-        return follow_best(step, values)
-
-    def classifier_metrics(step: int, y, p) -> dict:
-        """Metrics by problem type (single-label: with the confusion matrix as JSON and PNG), and the
-        user's metrics of eval.metrics."""
-        scores = metrics.for_problem(labels.problem_type, y, p, labels.names, extra_metrics)
-        if "confusion_matrix" not in scores:
-            return scores
-        matrix = scores.pop("confusion_matrix")
-        if jax.process_index() == 0:
-            with open(os.path.join(workdir, "confusion_matrix.json"), "w") as f:
-                json.dump({"step": step, "labels": list(labels.names), "matrix": matrix}, f)
-            plots.confusion_png(
-                matrix, labels.names, os.path.join(workdir, "confusion_matrix.png"), f"eval at step {step}"
+    bar = None
+    try:
+        # Early stopping and best-k follow one eval metric; its record survives a resume through meta.
+        # value/step/bad: early stopping (a gain must exceed eval.min_delta);
+        # top_value/top_step: the best so far.
+        best = {"value": None, "step": None, "bad": 0, "top_value": None, "top_step": None}
+        start = ckpt.latest() or 0
+        if start:
+            restored = ckpt.restore(
+                start,
+                {
+                    "params": _abstract(params),
+                    "frozen": _abstract(frozen),
+                    "opt_state": _abstract(train_state["opt_state"]),
+                },
             )
-        return scores
+            train_state = {
+                "params": restored["params"],
+                "opt_state": restored["opt_state"],
+                "step": jax.device_put(jnp.asarray(start, jnp.int32), state_sh["step"]),
+            }
+            frozen = restored["frozen"]
+            batches.restore(restored["meta"]["data"])
+            best.update(restored["meta"].get("best", {}))
+            log.info("resumed from %s at step %d", ckpt.dir, start)
 
-    def follow_best(step: int, values: dict) -> bool:
-        if not cc.best_metric:
-            return False
-        if cc.best_metric not in values:
-            raise ConfigError(
-                f"config key checkpoint.best_metric = {cc.best_metric!r} is not an eval metric here; "
-                f"use one of {', '.join(sorted(values))}"
-            )
-        value, sign = values[cc.best_metric], 1.0 if cc.best_mode == "max" else -1.0
-        if best["value"] is None or sign * (value - best["value"]) > config.eval.min_delta:
-            best.update(value=value, step=step, bad=0)
-        else:
-            best["bad"] += 1
-        if step:  # step 0 is the model before training: nothing to keep
-            top = best["top_value"] is None or sign * (value - best["top_value"]) > 0
-            if top:
-                best.update(top_value=value, top_step=step)
-            # Every eval is offered; Orbax keeps the best_keep best by the metric.
-            ckpt.save_best(step, train_state, frozen, meta(step), {cc.best_metric: value})
-            if top and jax.process_index() == 0:
-                ckpt.record_best(step, cc.best_metric, value)
-        stop = bool(config.eval.patience) and best["bad"] >= config.eval.patience
-        if stop:
+        eval_bs = config.eval.batch_size or c.batch_size
+
+        def step_cost(length: int) -> tuple[int, float]:
+            """Tokens and training FLOPs of a step whose rows are ``length`` long."""
+            tokens = c.batch_size * length
+            return tokens, mfu.flops_per_token(cfg, length, objective.causal) * tokens
+
+        peak = mfu.peak_flops_per_device(c.peak_tflops) * len(devices)
+        summary = {"step": start}
+        extra_metrics = metrics.user_metrics(config.eval.metrics)
+
+        def evaluate(step: int) -> bool:
+            """Eval metrics for ``step``; True when early stopping says the run should end."""
+            if eval_rows is None:
+                return False
+            sums: dict[str, float] = {}
+            labels_seen, predicted = [], []
+            for batch in eval_batches(eval_rows, eval_bs, config.eval.max_batches, pid, nproc, multiple):
+                out = jax.device_get(eval_step(train_state["params"], frozen, _device_batch(batch, batch_sh)))
+                if "predictions" in out:
+                    keep = out.pop("weights") > 0  # not the padding rows of the last batch
+                    labels_seen.append(out.pop("labels")[keep])
+                    predicted.append(out.pop("predictions")[keep])
+                for key, value in out.items():
+                    sums[key] = sums.get(key, 0.0) + float(value)
+            loss = sums["loss_sum"] / max(sums["count"], 1.0)
+            if predicted:
+                y, p = np.concatenate(labels_seen), np.concatenate(predicted)
+                values = {"loss": loss, **classifier_metrics(step, y, p)}
+                count, unit = len(y), "examples"
+            else:
+                values = {"loss": loss, "perplexity": math.exp(min(loss, 700.0))}
+                count, unit = sums["count"], "tokens"
+            writer.write(step, "eval", **values)
+            shown = {k: v for k, v in values.items() if "/" not in k}
             log.info(
-                "early stopping at step %d: %s has not improved on %.4f (step %s) for %d evals",
+                "eval at step %d (%d %s): %s",
                 step,
-                cc.best_metric,
-                best["value"],
-                best["step"],
-                best["bad"],
+                count,
+                unit,
+                ", ".join(f"{k} {v:.4f}" for k, v in shown.items()),
             )
-        return stop
+            summary["eval_loss"] = loss
+            return follow_best(step, values)
 
-    def stop_bad(what: str, step: int):
-        bar.close()
-        ckpt.wait()
-        raise TrainingError(
-            f"{what} at step {step}; stopping. The last good checkpoint is step {ckpt.latest()} in "
-            f"{ckpt.dir}; lower optimizer.lr, raise optimizer.warmup_steps or check the data"
-        )
-
-    finite = jax.jit(steps.all_finite)
-
-    def save(step: int) -> None:
-        if not bool(finite(train_state["params"])):
-            stop_bad("the parameters are not finite", step)
-        ckpt.save(step, train_state, frozen, meta(step))
-
-    def meta(step: int) -> dict:
-        """What a checkpoint keeps beside the arrays: the data position and the best-metric record."""
-        return {"step": step, "data": batches.state(), "frozen_paths": optim.paths(frozen), "best": best}
-
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=total, initial=start, desc="train", disable=pid != 0, dynamic_ncols=True)
-    clock = [time.perf_counter()]
-
-    def report(step: int, step_metrics, length: int) -> None:
-        """Log a step's metrics (fetched one step late, so the device is never idle waiting)."""
-        m = jax.device_get(step_metrics)
-        now = time.perf_counter()
-        seconds, clock[0] = now - clock[0], now
-        loss = float(m["loss"])
-        if not math.isfinite(loss):
-            stop_bad(f"loss is {loss}", step)
-        tokens, flops = step_cost(length)
-        tps = tokens / seconds
-        util = flops / seconds / peak if peak else 0.0
-        summary.update(step=step, loss=loss)
-        bar.update(step - bar.n)
-        bar.set_postfix(
-            loss=f"{loss:.4f}", lr=f"{float(m['learning_rate']):.2e}", tok_s=f"{tps:.0f}", mfu=f"{util:.1%}"
-        )
-        if step % c.log_every == 0 or step == total:
-            writer.write(
-                step,
-                "train",
-                loss=loss,
-                learning_rate=float(m["learning_rate"]),
-                tokens_per_second=tps,
-                mfu=util,
-                grad_norm=float(m["grad_norm"]),
-            )
-
-    with sharding.activation_sharding(mesh, rules):
-        if config.eval.at_start and not start:
-            evaluate(0)
-        executables = {}  # by row length: one, unless data.pad_to_multiple_of cuts batches to their rows
-
-        def compiled_for(batch, running=None):
-            length = batch["input_ids"].shape[1]
-            if length not in executables:
-                if running is not None:  # the step in flight ends first: its time is not the compile's
-                    jax.block_until_ready(running)
-                t0 = time.perf_counter()
-                executables[length] = train_step.lower(train_state, frozen, batch).compile()
-                took = time.perf_counter() - t0
-                clock[0] += took  # compilation is not a step's time
-                log.info("train step compiled in %.1f s (rows of %d tokens)", took, length)
-            return executables[length]
-
-        batch = _device_batch(next(batches), batch_sh)
-        compiled_for(batch)
-        clock[0] = time.perf_counter()
-        pending, step = None, start
-        finished = start == total
-        with _Preemption() as preempt:
-            while step < total:
-                running = pending[1] if pending is not None else None
-                train_state, step_metrics = compiled_for(batch, running)(train_state, frozen, batch)
-                step += 1
-                if pending is not None:
-                    report(*pending)
-                pending = (step, step_metrics, batch["input_ids"].shape[1])
-                last = step == total
-                save_now = last or (
-                    config.checkpoint.every_steps and step % config.checkpoint.every_steps == 0
+        def classifier_metrics(step: int, y, p) -> dict:
+            """Metrics by problem type (single-label: with the confusion matrix as JSON and PNG), and the
+            user's metrics of eval.metrics."""
+            scores = metrics.for_problem(labels.problem_type, y, p, labels.names, extra_metrics)
+            if "confusion_matrix" not in scores:
+                return scores
+            matrix = scores.pop("confusion_matrix")
+            if jax.process_index() == 0:
+                with open(os.path.join(workdir, "confusion_matrix.json"), "w") as f:
+                    json.dump({"step": step, "labels": list(labels.names), "matrix": matrix}, f)
+                plots.confusion_png(
+                    matrix,
+                    labels.names,
+                    os.path.join(workdir, "confusion_matrix.png"),
+                    f"eval at step {step}",
                 )
-                eval_now = not last and config.eval.every_steps and step % config.eval.every_steps == 0
-                stop = preempt.requested or (stop_after is not None and step >= stop_after)
-                if save_now or eval_now or stop:
-                    report(*pending)  # before saving: never checkpoint a NaN
-                    pending = None
-                early = evaluate(step) if eval_now else False
-                if save_now or stop or early:
-                    save(step)
-                if early:
-                    finished = True
-                    break
-                if stop:
-                    log.info("stopped at step %d with a checkpoint; rerun on %s to continue", step, workdir)
-                    break
-                if not last:
-                    batch = _device_batch(next(batches), batch_sh)
-        bar.close()
-        if step == total and not finished:
-            evaluate(step)
-        finished = finished or step == total
-        # The run ends on the best checkpoint when asked to, and so does the export unless it is told
-        # to take the last one.
-        end_on_best = cc.load_best_at_end or (config.export.at_end and config.export.checkpoint == "best")
-        if finished and end_on_best and best["top_step"] and best["top_step"] != step:
+            return scores
+
+        def follow_best(step: int, values: dict) -> bool:
+            if not cc.best_metric:
+                return False
+            if cc.best_metric not in values:
+                raise ConfigError(
+                    f"config key checkpoint.best_metric = {cc.best_metric!r} is not an eval metric here; "
+                    f"use one of {', '.join(sorted(values))}"
+                )
+            value, sign = values[cc.best_metric], 1.0 if cc.best_mode == "max" else -1.0
+            if best["value"] is None or sign * (value - best["value"]) > config.eval.min_delta:
+                best.update(value=value, step=step, bad=0)
+            else:
+                best["bad"] += 1
+            if step:  # step 0 is the model before training: nothing to keep
+                top = best["top_value"] is None or sign * (value - best["top_value"]) > 0
+                if top:
+                    best.update(top_value=value, top_step=step)
+                # Every eval is offered; Orbax keeps the best_keep best by the metric.
+                ckpt.save_best(step, train_state, frozen, meta(step), {cc.best_metric: value})
+                if top and jax.process_index() == 0:
+                    ckpt.record_best(step, cc.best_metric, value)
+            stop = bool(config.eval.patience) and best["bad"] >= config.eval.patience
+            if stop:
+                log.info(
+                    "early stopping at step %d: %s has not improved on %.4f (step %s) for %d evals",
+                    step,
+                    cc.best_metric,
+                    best["value"],
+                    best["step"],
+                    best["bad"],
+                )
+            return stop
+
+        def stop_bad(what: str, step: int):
+            bar.close()
             ckpt.wait()
-            abstract = {"params": _abstract(train_state["params"]), "frozen": _abstract(frozen)}
-            best_step = best["top_step"]
-            items = ckpt.restore_best(best_step, abstract)
-            train_state = dict(train_state, params=items["params"])
-            frozen = items["frozen"]
-            log.info(
-                "loaded the best checkpoint (step %d, %s %.4f) for the end of the run",
-                best_step,
-                cc.best_metric,
-                best["top_value"],
+            raise TrainingError(
+                f"{what} at step {step}; stopping. The last good checkpoint is step {ckpt.latest()} in "
+                f"{ckpt.dir}; lower optimizer.lr, raise optimizer.warmup_steps or check the data"
             )
-            summary["best_step"] = best_step
+
+        finite = jax.jit(steps.all_finite)
+
+        def save(step: int) -> None:
+            if not bool(finite(train_state["params"])):
+                stop_bad("the parameters are not finite", step)
+            ckpt.save(step, train_state, frozen, meta(step))
+
+        def meta(step: int) -> dict:
+            """What a checkpoint keeps beside the arrays: the data position and the best-metric record."""
+            return {"step": step, "data": batches.state(), "frozen_paths": optim.paths(frozen), "best": best}
+
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, initial=start, desc="train", disable=pid != 0, dynamic_ncols=True)
+        clock = [time.perf_counter()]
+
+        def report(step: int, step_metrics, length: int) -> None:
+            """Log a step's metrics (fetched one step late, so the device is never idle waiting)."""
+            m = jax.device_get(step_metrics)
+            now = time.perf_counter()
+            seconds, clock[0] = now - clock[0], now
+            loss = float(m["loss"])
+            if not math.isfinite(loss):
+                stop_bad(f"loss is {loss}", step)
+            tokens, flops = step_cost(length)
+            tps = tokens / seconds
+            util = flops / seconds / peak if peak else 0.0
+            summary.update(step=step, loss=loss)
+            bar.update(step - bar.n)
+            bar.set_postfix(
+                loss=f"{loss:.4f}",
+                lr=f"{float(m['learning_rate']):.2e}",
+                tok_s=f"{tps:.0f}",
+                mfu=f"{util:.1%}",
+            )
+            if step % c.log_every == 0 or step == total:
+                writer.write(
+                    step,
+                    "train",
+                    loss=loss,
+                    learning_rate=float(m["learning_rate"]),
+                    tokens_per_second=tps,
+                    mfu=util,
+                    grad_norm=float(m["grad_norm"]),
+                )
+
+        with sharding.activation_sharding(mesh, rules):
+            if config.eval.at_start and not start:
+                evaluate(0)
+            executables = {}  # by row length: one, unless data.pad_to_multiple_of cuts batches to their rows
+
+            def compiled_for(batch, running=None):
+                length = batch["input_ids"].shape[1]
+                if length not in executables:
+                    if running is not None:  # the step in flight ends first: its time is not the compile's
+                        jax.block_until_ready(running)
+                    t0 = time.perf_counter()
+                    executables[length] = train_step.lower(train_state, frozen, batch).compile()
+                    took = time.perf_counter() - t0
+                    clock[0] += took  # compilation is not a step's time
+                    log.info("train step compiled in %.1f s (rows of %d tokens)", took, length)
+                return executables[length]
+
+            batch = _device_batch(next(batches), batch_sh)
+            compiled_for(batch)
+            clock[0] = time.perf_counter()
+            pending, step = None, start
+            finished = start == total
+            with _Preemption() as preempt:
+                while step < total:
+                    running = pending[1] if pending is not None else None
+                    train_state, step_metrics = compiled_for(batch, running)(train_state, frozen, batch)
+                    step += 1
+                    if pending is not None:
+                        report(*pending)
+                    pending = (step, step_metrics, batch["input_ids"].shape[1])
+                    last = step == total
+                    save_now = last or (
+                        config.checkpoint.every_steps and step % config.checkpoint.every_steps == 0
+                    )
+                    eval_now = not last and config.eval.every_steps and step % config.eval.every_steps == 0
+                    stop = preempt.requested or (stop_after is not None and step >= stop_after)
+                    if save_now or eval_now or stop:
+                        report(*pending)  # before saving: never checkpoint a NaN
+                        pending = None
+                    early = evaluate(step) if eval_now else False
+                    if save_now or stop or early:
+                        save(step)
+                    if early:
+                        finished = True
+                        break
+                    if stop:
+                        log.info(
+                            "stopped at step %d with a checkpoint; rerun on %s to continue", step, workdir
+                        )
+                        break
+                    if not last:
+                        batch = _device_batch(next(batches), batch_sh)
+            bar.close()
+            if step == total and not finished:
+                evaluate(step)
+            finished = finished or step == total
+            # The run ends on the best checkpoint when asked to, and so does the export unless it is told
+            # to take the last one.
+            end_on_best = cc.load_best_at_end or (config.export.at_end and config.export.checkpoint == "best")
+            if finished and end_on_best and best["top_step"] and best["top_step"] != step:
+                ckpt.wait()
+                abstract = {"params": _abstract(train_state["params"]), "frozen": _abstract(frozen)}
+                best_step = best["top_step"]
+                items = ckpt.restore_best(best_step, abstract)
+                train_state = dict(train_state, params=items["params"])
+                frozen = items["frozen"]
+                log.info(
+                    "loaded the best checkpoint (step %d, %s %.4f) for the end of the run",
+                    best_step,
+                    cc.best_metric,
+                    best["top_value"],
+                )
+                summary["best_step"] = best_step
+    except BaseException:
+        # Orbax's background save threads must not outlive a run that failed (a NaN, a full disk),
+        # and the progress bar ends before the error is printed.
+        if bar is not None:
+            bar.close()
+        ckpt.abandon()
+        writer.close()
+        raise
     ckpt.wait()
     ckpt.close()
     writer.close()
@@ -526,7 +545,7 @@ def cli(argv, prog: str, body, define=None) -> int:
     except (ConfigError, FileNotFoundError, data.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except TrainingError as e:
+    except (TrainingError, checkpoint.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

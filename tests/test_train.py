@@ -4,6 +4,7 @@ learning rates, compile-once, resume, preemption, metrics, configs and config er
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -476,6 +477,31 @@ def test_cli_reports_config_errors_in_one_line(text_file, tmp_path, capsys):
     assert train.main(args) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "mesh data=3" in err
+
+
+def test_a_checkpoint_that_cannot_fit_is_refused_in_one_line(text_file, tmp_path, capsys, monkeypatch):
+    """A full disk is found before Orbax writes half a checkpoint; the CLI says so in one line."""
+    monkeypatch.setattr(checkpoint, "free_bytes", lambda path: 1000)
+    smoke = os.path.join(os.path.dirname(__file__), "..", "configs", "smoke.py")
+    args = ["--config", smoke, "--workdir", str(tmp_path), f"--config.data.train={text_file}"]
+    assert train.main(args + ["--config.train.max_steps=2", "--config.eval.every_steps=0"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: no room for the checkpoint of step 2 in "), err
+    need = re.search(r"it needs (\d+\.\d) MB, 0\.0 MB are free", err)
+    assert need and float(need[1]) > 0 and "checkpoint.keep" in err
+    assert not os.listdir(tmp_path / "checkpoints")  # nothing half-written
+
+
+def test_a_full_disk_during_an_asynchronous_save_is_one_line():
+    with pytest.raises(checkpoint.CheckpointError) as e:
+        with checkpoint._disk_full_is_one_line("/w/checkpoints"):
+            raise ValueError(
+                'RESOURCE_EXHAUSTED: Failed writing "x": No space left on device [os_error_code=28]'
+            )
+    assert str(e.value).startswith("no room for a checkpoint in /w/checkpoints (No space left on device)")
+    with pytest.raises(KeyError):  # any other error passes through as it was
+        with checkpoint._disk_full_is_one_line("/w/checkpoints"):
+            raise KeyError("params")
 
 
 def minilm_classifier(train_file):
