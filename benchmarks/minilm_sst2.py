@@ -1,7 +1,7 @@
 """Fine-tuning quality, side by side: jaxtune's `configs/minilm_sst2.py` vs Hugging Face Trainer (PyTorch)
 running the identical recipe, both scored on the SST-2 dev set.
 
-    .venv/bin/python benchmarks/minilm_sst2.py [--records 8000] [--out FILE.json]
+    .venv/bin/python benchmarks/minilm_sst2.py [--records 8000] [--dropout 0.1] [--out FILE.json]
 
 jaxtune runs its own command (`python -m jaxtune.train --config configs/minilm_sst2.py`); its dev
 accuracy is the final eval in the run's metrics.jsonl. Trainer then trains the same starting weights
@@ -9,7 +9,8 @@ accuracy is the final eval in the run's metrics.jsonl. Trainer then trains the s
 `save_pretrained`) on the same sentences in the same batch order (jaxtune's Grain order, fed through a
 sequential sampler), with the same AdamW (weight decay 0.01, none on biases and LayerNorm), the same
 layer-wise learning rates as parameter groups, the same warmup + linear schedule, clipping at 1.0 and
-no dropout (jaxtune's models have none, so Trainer's 0.1 is switched off). Trainer pads each batch to
+the same dropout rate at the same sites (0 by default, as in the recipe; with a rate the two sides draw
+different masks, so only the accuracies' closeness can be compared). Trainer pads each batch to
 its longest sentence where jaxtune pads to 64: with attention masks the results are the same, and the
 wall times are not comparable. Needs ../shared/data/sst2 and `make install-test`.
 """
@@ -38,8 +39,9 @@ def recipe(records: int):
     return module.get_config(str(records))
 
 
-def jaxtune_run(records: int, workdir: str) -> dict:
+def jaxtune_run(records: int, workdir: str, dropout: float) -> dict:
     cmd = [sys.executable, "-m", "jaxtune.train", "--config", f"{CONFIG}:{records}", "--workdir", workdir]
+    cmd.append(f"--config.model.dropout={dropout}")
     env = dict(os.environ, HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)  # one CPU device, as PyTorch sees the machine
     t0 = time.perf_counter()
@@ -54,7 +56,7 @@ def jaxtune_run(records: int, workdir: str) -> dict:
     }
 
 
-def trainer_run(config, workdir: str) -> dict:
+def trainer_run(config, workdir: str, dropout: float) -> dict:
     import numpy as np
     import torch
     import transformers
@@ -78,7 +80,7 @@ def trainer_run(config, workdir: str) -> dict:
     del model
     tokenizer = transformers.AutoTokenizer.from_pretrained(start)
     model = transformers.AutoModelForSequenceClassification.from_pretrained(
-        start, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout=0.0
+        start, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout, classifier_dropout=dropout
     )
 
     def encode(recs):
@@ -158,18 +160,19 @@ def trainer_run(config, workdir: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--records", type=int, default=8000, help="SST-2 training sentences (from the start)")
+    parser.add_argument("--dropout", type=float, default=0.0, help="dropout rate on both sides")
     parser.add_argument("--out", default="", help="also write the results here as JSON")
     args = parser.parse_args()
     config = recipe(args.records)
     with tempfile.TemporaryDirectory() as tmp:
-        ours = jaxtune_run(args.records, os.path.join(tmp, "jaxtune"))
-        theirs = trainer_run(config, tmp)
+        ours = jaxtune_run(args.records, os.path.join(tmp, "jaxtune"), args.dropout)
+        theirs = trainer_run(config, tmp, args.dropout)
     o = config.optimizer
     print(
         f"\nall-MiniLM-L6-v2 on the first {args.records} SST-2 sentences, {config.train.num_epochs} epochs, "
         f"batch {config.train.batch_size}, max {config.data.seq_len} tokens, AdamW lr {o.lr} "
         f"(layer decay {o.lr_layer_decay}), warmup {o.warmup_ratio:.0%} + {o.schedule}, "
-        f"weight decay {o.weight_decay}; {theirs['dev']} dev sentences"
+        f"weight decay {o.weight_decay}, dropout {args.dropout}; {theirs['dev']} dev sentences"
     )
     for name, r, what in (("jaxtune", ours, "whole command"), ("HF Trainer (torch)", theirs, "train only")):
         print(f"  {name:18s} dev accuracy {r['accuracy']:.2%}  ({r['seconds']:.0f} s, {what})")
@@ -177,7 +180,8 @@ def main() -> None:
     print("  jaxtune's evals: " + ", ".join(f"step {s}: {a:.2%}" for s, a in ours["curve"]))
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"records": args.records, "jaxtune": ours, "trainer": theirs}, f, indent=2)
+            results = {"records": args.records, "dropout": args.dropout, "jaxtune": ours, "trainer": theirs}
+            json.dump(results, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -48,6 +48,10 @@ def defaults() -> ml_collections.ConfigDict:
         param_dtype="float32",  # master weights and optimizer state
         compute_dtype="float32",  # forward/backward (bfloat16 on TPU/GPU); loss and softmax stay float32
         remat="none",  # none | full | dots (keep matmul outputs, recompute the rest)
+        # dropout rate in training steps, at BERT's and GPT-2's sites (embeddings, attention
+        # probabilities, attention and MLP outputs, classifier input); 0 = none. transformers trains
+        # BERT-family checkpoints with their config's 0.1.
+        dropout=0.0,
         loss_chunk_tokens=2048,  # tokens per chunk of the output-layer + cross-entropy computation
     )
     c.data = dict(
@@ -319,8 +323,12 @@ def validate(config, num_devices: int | None = None) -> None:
     _one_of("optimizer.schedule", c.optimizer.schedule, SCHEDULES)
     _positive("optimizer.lr", c.optimizer.lr)
     _positive("data.max_train_records", c.data.max_train_records, zero_ok=True)
-    if not 0 <= c.optimizer.warmup_ratio < 1:
-        raise ConfigError(f"config key optimizer.warmup_ratio = {c.optimizer.warmup_ratio} must be in [0, 1)")
+    for key, value in (
+        ("optimizer.warmup_ratio", c.optimizer.warmup_ratio),
+        ("model.dropout", c.model.dropout),
+    ):
+        if not 0 <= value < 1:
+            raise ConfigError(f"config key {key} = {value} must be in [0, 1)")
     for key in ("warmup_steps", "weight_decay", "clip_norm", "momentum", "min_lr_ratio"):
         _positive(f"optimizer.{key}", c.optimizer[key], zero_ok=True)
     if not 0 < c.optimizer.lr_layer_decay <= 1:

@@ -18,6 +18,7 @@ from flax import nnx
 
 from jaxtune.losses import IGNORE_INDEX, classification_loss
 from jaxtune.models import heads
+from jaxtune.models.layers import Dropout
 
 MODEL_INPUTS = ("attention_mask", "position_ids", "segment_ids")
 
@@ -27,13 +28,14 @@ def cast(tree, dtype):
     return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
-def causal_lm_loss(model, batch, chunk_tokens: int):
+def causal_lm_loss(model, batch, chunk_tokens: int, dropout: Dropout | None = None):
     """Summed next-token cross-entropy and the number of counted tokens.
 
     The output layer and the loss run over chunks of ``chunk_tokens`` tokens under ``jax.checkpoint``, so
     at most one chunk of float32 logits ``[chunk, vocab]`` exists at a time, forward or backward.
     """
-    x_btd = model.hidden_states(batch["input_ids"], **{k: batch[k] for k in MODEL_INPUTS if k in batch})
+    inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+    x_btd = model.hidden_states(batch["input_ids"], **inputs, dropout=dropout)
     b, t, d = x_btd.shape
     n = b * t
     chunk = min(chunk_tokens, n)
@@ -77,8 +79,10 @@ class Objective:
             return jnp.sum(batch["loss_mask"].astype(jnp.float32))
         return jnp.sum(batch["weights"].astype(jnp.float32)) * self.outputs
 
-    def _logits(self, model, batch):
-        return model(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
+    def _logits(self, model, batch, dropout: Dropout | None = None):
+        return model(
+            batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"), dropout=dropout
+        )
 
     def _classification_loss(self, logits, batch):
         if self.task.problem_type == "single_label_classification":
@@ -86,10 +90,10 @@ class Objective:
             return classification_loss(logits, labels, self.task.problem_type)
         return classification_loss(logits, batch["labels"], self.task.problem_type, batch["weights"])
 
-    def loss(self, model, batch):
+    def loss(self, model, batch, dropout: Dropout | None = None):
         if self.causal:
-            return causal_lm_loss(model, batch, self.chunk_tokens)
-        return self._classification_loss(self._logits(model, batch), batch)
+            return causal_lm_loss(model, batch, self.chunk_tokens, dropout)
+        return self._classification_loss(self._logits(model, batch, dropout), batch)
 
     def eval_metrics(self, model, batch) -> dict:
         if self.causal:
@@ -130,19 +134,23 @@ def make_train_step(
     accum_steps: int,
     chunk_tokens: int = 2048,
     objective: Objective | None = None,
+    dropout: float = 0.0,
+    seed: int = 0,
 ):
     """``train_step(state, frozen, batch) -> (state, metrics)``; pure, for ``jax.jit``.
 
     The token count of the whole batch is known before the forward pass (the loss mask), so each
     micro-batch's summed loss is divided by it up front: the gradients summed over ``accum_steps``
     micro-batches are then those of one step on the whole batch, with no pass to rescale them.
+
+    With a ``dropout`` rate, each step's masks come from ``seed``, the step number and the micro-batch.
     """
 
     objective = objective or Objective(heads.CAUSAL_LM, chunk_tokens)
 
-    def loss_fn(params, frozen, batch, denom):
+    def loss_fn(params, frozen, batch, denom, key):
         model = nnx.merge(graphdef, cast(params, compute_dtype), cast(frozen, compute_dtype))
-        total, count = objective.loss(model, batch)
+        total, count = objective.loss(model, batch, Dropout(dropout, key) if dropout else None)
         return total / denom, count
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -150,17 +158,20 @@ def make_train_step(
     def train_step(state, frozen, batch):
         params = state["params"]
         denom = jnp.maximum(objective.count(batch), 1.0)
+        key = jax.random.fold_in(jax.random.key(seed), state["step"])
 
-        def accumulate(carry, micro):
+        def accumulate(carry, micro_index):
             grads, loss = carry
-            (part, _), g = grad_fn(params, frozen, micro, denom)
+            micro, index = micro_index
+            (part, _), g = grad_fn(params, frozen, micro, denom, jax.random.fold_in(key, index))
             return (jax.tree.map(jnp.add, grads, g), loss + part), None
 
         if accum_steps == 1:  # no accumulation buffers: one less pass over a model-sized tree
-            (loss, _), grads = grad_fn(params, frozen, batch, denom)
+            (loss, _), grads = grad_fn(params, frozen, batch, denom, key)
         else:
             init = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32))
-            (grads, loss), _ = jax.lax.scan(accumulate, init, micro_batches(batch, accum_steps))
+            micros = (micro_batches(batch, accum_steps), jnp.arange(accum_steps))
+            (grads, loss), _ = jax.lax.scan(accumulate, init, micros)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new = {
             "params": optax.apply_updates(params, updates),

@@ -179,6 +179,8 @@ def run(config, workdir: str, stop_after: int | None = None, devices=None, label
         compute_dtype=compute,
         accum_steps=c.grad_accum_steps,
         objective=objective,
+        dropout=config.model.dropout,
+        seed=c.seed,
     )
     # state: sharded like the parameters and donated, since the old state is dead after the step;
     # frozen parameters: read only; batch: rows over (data, fsdp). Metrics come back replicated.

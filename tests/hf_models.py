@@ -99,12 +99,15 @@ def make_config(variant: str, **changes):
     return getattr(transformers, cls)(**{**BASE, **extra, **changes})
 
 
-def make_model(variant: str, seed: int = 0, dtype=torch.float32, task: str = "causal_lm", **changes):
+def make_model(
+    variant: str, seed: int = 0, dtype=torch.float32, task: str = "causal_lm", attn=None, **changes
+):
     """A random model for ``task`` whose every parameter (norms and biases included) is perturbed, so
-    that a mix-up between any two tensors shows in the outputs. In eval mode: no dropout."""
+    that a mix-up between any two tensors shows in the outputs. In eval mode: no dropout. ``attn``
+    picks transformers' attention implementation ("eager", "sdpa"; None: its default)."""
     torch.manual_seed(seed)
     auto = getattr(transformers, AUTO_CLASS[task])
-    model = auto.from_config(make_config(variant, **changes)).eval()
+    model = auto.from_config(make_config(variant, **changes), attn_implementation=attn).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.1)

@@ -267,8 +267,12 @@ def test_train_and_eval_steps_compile_once(text_file, tmp_path, caplog):
     assert len(metrics(tmp_path, "eval")) == 3  # steps 2 and 4, and the end
 
 
-def test_resume_continues_exactly_like_an_uninterrupted_run(text_file, tmp_path):
-    config = tiny_config(text_file, **{"train.max_steps": 20, "checkpoint.every_steps": 7})
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_resume_continues_exactly_like_an_uninterrupted_run(dropout, text_file, tmp_path):
+    """Dropout masks come from the seed and the step: a resumed run draws the ones it would have."""
+    config = tiny_config(
+        text_file, **{"train.max_steps": 20, "checkpoint.every_steps": 7, "model.dropout": dropout}
+    )
     train.run(config, str(tmp_path / "straight"))
     first = train.run(config, str(tmp_path / "resumed"), stop_after=10)
     assert first["step"] == 10
@@ -281,6 +285,20 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(text_file, tmp_path)
     b = checkpoint.restore_model(str(tmp_path / "resumed"))[0]
     for x, y in zip(jax.tree.leaves(nnx.state(a)), jax.tree.leaves(nnx.state(b)), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_dropout_changes_training_not_evaluation(text_file, tmp_path):
+    runs = {}
+    for rate in (0.0, 0.1):
+        config = tiny_config(
+            text_file, **{"train.max_steps": 3, "eval.at_start": True, "model.dropout": rate}
+        )
+        train.run(config, str(tmp_path / str(rate)))
+        runs[rate] = (losses(tmp_path / str(rate)), metrics(tmp_path / str(rate), "eval"))
+    (plain, plain_eval), (dropped, dropped_eval) = runs[0.0], runs[0.1]
+    assert plain_eval[0]["step"] == dropped_eval[0]["step"] == 0
+    assert plain_eval[0]["loss"] == dropped_eval[0]["loss"]  # eval never drops
+    assert plain[1] != dropped[1]  # the first step's loss is computed with dropout
 
 
 def test_half_written_checkpoint_is_ignored_with_a_warning(text_file, tmp_path, caplog):

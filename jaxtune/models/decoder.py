@@ -79,15 +79,15 @@ class Block(nnx.Module):
                 d, cfg.norm, cfg.norm_eps, rngs=rngs, dtype=dtype, names=("embed",)
             )
 
-    def __call__(self, x_btd, positions_bt, mask_bts):
-        h = self.attn(self.attn_norm(x_btd), positions_bt, mask_bts)
+    def __call__(self, x_btd, positions_bt, mask_bts, dropout=None):
+        h = self.attn(self.attn_norm(x_btd), positions_bt, mask_bts, dropout)
         if self.sandwich:
             h = self.post_attn_norm(h)
-        x_btd = x_btd + h
+        x_btd = x_btd + layers.drop(dropout, h, layers.Dropout.ATTN_OUT)
         h = self.mlp(self.mlp_norm(x_btd))
         if self.sandwich:
             h = self.post_mlp_norm(h)
-        return x_btd + h
+        return x_btd + layers.drop(dropout, h, layers.Dropout.MLP_OUT)
 
 
 def default_positions(attention_mask_bt, segment_ids_bt, b: int, t: int):
@@ -144,8 +144,15 @@ class Decoder(nnx.Module):
             )
         }
 
-    def hidden_states(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None):
-        """Final-norm hidden states ``[b, t, d]``."""
+    def hidden_states(
+        self,
+        input_ids,
+        attention_mask=None,
+        position_ids=None,
+        segment_ids=None,
+        dropout: layers.Dropout | None = None,
+    ):
+        """Final-norm hidden states ``[b, t, d]``; ``dropout`` only in a training step."""
         cfg = self.cfg
         input_ids = jnp.asarray(input_ids)
         b, t = input_ids.shape
@@ -159,13 +166,17 @@ class Decoder(nnx.Module):
             x_btd = x_btd * jnp.asarray(cfg.hidden_size**0.5, dtype=x_btd.dtype)
         if cfg.position == "learned":
             x_btd = x_btd + self.pos_embed[...][position_ids]
-        x_btd = constrain(x_btd, ACTIVATION)
+        x_btd = constrain(layers.drop(dropout, x_btd, layers.Dropout.EMBED), ACTIVATION)
 
-        def step(block, x_btd, window):
+        def step(block, x_btd, per_layer):
+            window, index = per_layer
             mask_bts = layers.attention_mask_bts(attention_mask, segment_ids, t, window)
-            return constrain(block(x_btd, position_ids, mask_bts), ACTIVATION)
+            return constrain(
+                block(x_btd, position_ids, mask_bts, layers.for_layer(dropout, index)), ACTIVATION
+            )
 
-        x_btd = layers.scan(self.layers, x_btd, jnp.asarray(cfg.windows, jnp.int32), step, cfg.remat)
+        per_layer = (jnp.asarray(cfg.windows, jnp.int32), jnp.arange(cfg.num_layers))
+        x_btd = layers.scan(self.layers, x_btd, per_layer, step, cfg.remat)
         return self.final_norm(x_btd)
 
     def logits(self, x_btd):
@@ -184,11 +195,18 @@ class Decoder(nnx.Module):
         return logits
 
     def __call__(
-        self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, segment_ids=None
+        self,
+        input_ids,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        segment_ids=None,
+        dropout: layers.Dropout | None = None,
     ):
         if token_type_ids is not None:
             raise ValueError(f"{self.cfg.model_type} has no token types; pass token_type_ids=None")
-        x_btd = self.hidden_states(input_ids, attention_mask, position_ids, segment_ids)
+        # transformers' decoder classifiers (Llama, GPT-2, ...) have no dropout before their score layer.
+        x_btd = self.hidden_states(input_ids, attention_mask, position_ids, segment_ids, dropout)
         task = self.task.name
         if task == "causal_lm":
             return self.logits(x_btd)

@@ -73,9 +73,10 @@ class EncoderBlock(nnx.Module):
         self.mlp = layers.MLP(cfg, rngs=rngs, dtype=dtype)
         self.mlp_norm = layers.Norm(d, "layer", cfg.norm_eps, rngs=rngs, dtype=dtype, names=("embed",))
 
-    def __call__(self, x_btd, mask_bts):
-        x_btd = self.attn_norm(x_btd + self.attn(x_btd, None, mask_bts))
-        return self.mlp_norm(x_btd + self.mlp(x_btd))
+    def __call__(self, x_btd, mask_bts, dropout=None):
+        h = layers.drop(dropout, self.attn(x_btd, None, mask_bts, dropout), layers.Dropout.ATTN_OUT)
+        x_btd = self.attn_norm(x_btd + h)
+        return self.mlp_norm(x_btd + layers.drop(dropout, self.mlp(x_btd), layers.Dropout.MLP_OUT))
 
 
 class Encoder(nnx.Module):
@@ -128,9 +129,15 @@ class Encoder(nnx.Module):
         return jnp.broadcast_to(jnp.arange(t), (b, t))
 
     def hidden_states(
-        self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, segment_ids=None
+        self,
+        input_ids,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        segment_ids=None,
+        dropout: layers.Dropout | None = None,
     ):
-        """Last-layer hidden states ``[b, t, d]``."""
+        """Last-layer hidden states ``[b, t, d]``; ``dropout`` only in a training step."""
         cfg = self.cfg
         input_ids = jnp.asarray(input_ids)
         t = input_ids.shape[1]
@@ -144,19 +151,32 @@ class Encoder(nnx.Module):
             x_btd = x_btd + self.type_embed[...][types]
         elif token_type_ids is not None:
             raise ValueError(f"{cfg.model_type} has no token types; pass token_type_ids=None")
-        x_btd = constrain(self.embed_norm(x_btd), ACTIVATION)
+        x_btd = layers.drop(dropout, self.embed_norm(x_btd), layers.Dropout.EMBED)
+        x_btd = constrain(x_btd, ACTIVATION)
         mask_bts = layers.attention_mask_bts(attention_mask, segment_ids, t, causal=False)
-        step = lambda block, x, _: constrain(block(x, mask_bts), ACTIVATION)  # noqa: E731
-        return layers.scan(self.layers, x_btd, None, step, cfg.remat)
+
+        def step(block, x_btd, index):
+            return constrain(block(x_btd, mask_bts, layers.for_layer(dropout, index)), ACTIVATION)
+
+        return layers.scan(self.layers, x_btd, jnp.arange(cfg.num_layers), step, cfg.remat)
 
     def __call__(
-        self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, segment_ids=None
+        self,
+        input_ids,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        segment_ids=None,
+        dropout: layers.Dropout | None = None,
     ):
-        x_btd = self.hidden_states(input_ids, attention_mask, token_type_ids, position_ids, segment_ids)
+        x_btd = self.hidden_states(
+            input_ids, attention_mask, token_type_ids, position_ids, segment_ids, dropout
+        )
         task = self.task.name
         if task == "base":
             return x_btd
         if task == "token_classification":
-            return self.classifier(x_btd)
+            return self.classifier(layers.drop(dropout, x_btd, layers.Dropout.HEAD))
         act = jnp.tanh if self.cfg.pooler_activation == "tanh" else jax.nn.relu
-        return self.classifier(act(self.pooler(x_btd[:, 0])))
+        pooled = act(self.pooler(x_btd[:, 0]))
+        return self.classifier(layers.drop(dropout, pooled, layers.Dropout.HEAD))

@@ -97,6 +97,38 @@ def scan(stacked, x, per_layer, step, remat: str = "none"):
     return x
 
 
+class Dropout:
+    """Inverted dropout for a training step, handed down the forward call (``None`` everywhere else:
+    eval, predict, generation).
+
+    The masks come from a key the train step derives from the seed and the step number, so a resumed
+    run draws exactly the masks an uninterrupted one would, and no random state is checkpointed. Each
+    layer and each site within it folds its own number into the key.
+    """
+
+    # Sites, where BERT and GPT-2 apply theirs: the embeddings, the attention probabilities, the
+    # attention and MLP outputs before their residual sums, and the classifier's input.
+    EMBED, ATTN_PROBS, ATTN_OUT, MLP_OUT, HEAD, LAYERS = range(6)
+
+    def __init__(self, rate: float, key):
+        self.rate, self.key = rate, key
+
+    def layer(self, index) -> Dropout:
+        return Dropout(self.rate, jax.random.fold_in(jax.random.fold_in(self.key, self.LAYERS), index))
+
+    def __call__(self, x, site: int):
+        keep = jax.random.bernoulli(jax.random.fold_in(self.key, site), 1.0 - self.rate, x.shape)
+        return jnp.where(keep, x / (1.0 - self.rate), 0).astype(x.dtype)
+
+
+def drop(dropout: Dropout | None, x, site: int):
+    return x if dropout is None else dropout(x, site)
+
+
+def for_layer(dropout: Dropout | None, index):
+    return None if dropout is None else dropout.layer(index)
+
+
 normal = nnx.initializers.normal
 zeros = nnx.initializers.zeros
 ones = nnx.initializers.ones
@@ -236,7 +268,7 @@ class Attention(nnx.Module):
             self.q_norm = Norm(h, cfg.norm, cfg.norm_eps, rngs=rngs, dtype=dtype, names=("head_dim",))
             self.k_norm = Norm(h, cfg.norm, cfg.norm_eps, rngs=rngs, dtype=dtype, names=("head_dim",))
 
-    def __call__(self, x_btd, positions_bt, mask_bts):
+    def __call__(self, x_btd, positions_bt, mask_bts, dropout: Dropout | None = None):
         cfg = self.cfg
         if cfg.fused_qkv:
             qkv = self.qkv_proj(x_btd)
@@ -258,7 +290,7 @@ class Attention(nnx.Module):
             scores = jnp.tanh(scores / cfg.attn_softcap) * cfg.attn_softcap
         # A large finite value rather than -inf keeps fully masked (padding) rows free of NaN.
         scores = jnp.where(mask_bts[:, None, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v_btkh.dtype)
+        probs = drop(dropout, jax.nn.softmax(scores, axis=-1).astype(v_btkh.dtype), Dropout.ATTN_PROBS)
         out_btkgh = jnp.einsum("bkgts,bskh->btkgh", probs, v_btkh)
         return self.o_proj(out_btkgh.reshape(b, t, n, h))
 
