@@ -345,35 +345,41 @@ def run(config, workdir: str, stop_after: int | None = None, devices=None, label
         bar = tqdm(total=total, initial=start, desc="train", disable=pid != 0, dynamic_ncols=True)
         clock = [time.perf_counter()]
 
-        def report(step: int, step_metrics, length: int) -> None:
-            """Log a step's metrics (fetched one step late, so the device is never idle waiting)."""
-            m = jax.device_get(step_metrics)
+        def report(done: list) -> None:
+            """Log the metrics of steps ``done`` [(step, metrics, row length)], the steps that ended since
+            the clock was last read. Normally that is one step, fetched one step late so the device is
+            never idle waiting. Before an eval or a save it is the last two: a backend that runs a step
+            while dispatching it (the CPU) has already finished both, so their time is shared by FLOPs."""
+            fetched = [(step, jax.device_get(m), length) for step, m, length in done]
             now = time.perf_counter()
             seconds, clock[0] = now - clock[0], now
-            loss = float(m["loss"])
-            if not math.isfinite(loss):
-                stop_bad(f"loss is {loss}", step)
-            tokens, flops = step_cost(length)
-            tps = tokens / seconds
-            util = flops / seconds / peak if peak else 0.0
-            summary.update(step=step, loss=loss)
-            bar.update(step - bar.n)
-            bar.set_postfix(
-                loss=f"{loss:.4f}",
-                lr=f"{float(m['learning_rate']):.2e}",
-                tok_s=f"{tps:.0f}",
-                mfu=f"{util:.1%}",
-            )
-            if step % c.log_every == 0 or step == total:
-                writer.write(
-                    step,
-                    "train",
-                    loss=loss,
-                    learning_rate=float(m["learning_rate"]),
-                    tokens_per_second=tps,
-                    mfu=util,
-                    grad_norm=float(m["grad_norm"]),
+            costs = [step_cost(length) for _, _, length in done]
+            all_flops = sum(flops for _, flops in costs)
+            for (step, m, _), (tokens, flops) in zip(fetched, costs, strict=True):
+                loss = float(m["loss"])
+                if not math.isfinite(loss):
+                    stop_bad(f"loss is {loss}", step)
+                took = seconds * flops / all_flops
+                tps = tokens / took
+                util = flops / took / peak if peak else 0.0
+                summary.update(step=step, loss=loss)
+                bar.update(step - bar.n)
+                bar.set_postfix(
+                    loss=f"{loss:.4f}",
+                    lr=f"{float(m['learning_rate']):.2e}",
+                    tok_s=f"{tps:.0f}",
+                    mfu=f"{util:.1%}",
                 )
+                if step % c.log_every == 0 or step == total:
+                    writer.write(
+                        step,
+                        "train",
+                        loss=loss,
+                        learning_rate=float(m["learning_rate"]),
+                        tokens_per_second=tps,
+                        mfu=util,
+                        grad_norm=float(m["grad_norm"]),
+                    )
 
         with sharding.activation_sharding(mesh, rules):
             if config.eval.at_start and not start:
@@ -402,9 +408,7 @@ def run(config, workdir: str, stop_after: int | None = None, devices=None, label
                     running = pending[1] if pending is not None else None
                     train_state, step_metrics = compiled_for(batch, running)(train_state, frozen, batch)
                     step += 1
-                    if pending is not None:
-                        report(*pending)
-                    pending = (step, step_metrics, batch["input_ids"].shape[1])
+                    current = (step, step_metrics, batch["input_ids"].shape[1])
                     last = step == total
                     save_now = last or (
                         config.checkpoint.every_steps and step % config.checkpoint.every_steps == 0
@@ -412,11 +416,17 @@ def run(config, workdir: str, stop_after: int | None = None, devices=None, label
                     eval_now = not last and config.eval.every_steps and step % config.eval.every_steps == 0
                     stop = preempt.requested or (stop_after is not None and step >= stop_after)
                     if save_now or eval_now or stop:
-                        report(*pending)  # before saving: never checkpoint a NaN
+                        report([p for p in (pending, current) if p is not None])  # never checkpoint a NaN
                         pending = None
+                    else:
+                        if pending is not None:
+                            report([pending])
+                        pending = current
                     early = evaluate(step) if eval_now else False
                     if save_now or stop or early:
                         save(step)
+                    if eval_now or save_now:
+                        clock[0] = time.perf_counter()  # an eval's or a save's time is not the next step's
                     if early:
                         finished = True
                         break

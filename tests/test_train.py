@@ -314,6 +314,29 @@ def test_half_written_checkpoint_is_ignored_with_a_warning(text_file, tmp_path, 
     assert summary["step"] == 6 and sorted(losses(tmp_path)) == [1, 2, 3, 4, 5, 6]
 
 
+def test_eval_time_is_no_steps_time(text_file, tmp_path, monkeypatch):
+    """Tokens/s and MFU are per step: an eval (made slow here) is counted in no step's time, and the
+    step before it is not reported with a near-zero time."""
+    from jaxtune.writers import MetricsWriter
+
+    write = MetricsWriter.write
+
+    def slow_eval(self, step, split, **values):
+        if split == "eval":
+            time.sleep(2.0)
+        return write(self, step, split, **values)
+
+    monkeypatch.setattr(MetricsWriter, "write", slow_eval)
+    config = tiny_config(text_file, **{"train.max_steps": 12, "eval.every_steps": 4, "train.log_every": 1})
+    train.run(config, str(tmp_path))
+    tps = {r["step"]: r["tokens_per_second"] for r in metrics(tmp_path)}
+    typical = float(np.median([tps[s] for s in range(2, 13)]))
+    tokens = 8 * 32
+    assert tokens / typical < 0.5  # a step takes far less than the eval's 2 s
+    for step in (4, 5, 8, 9):  # at an eval, and just after it
+        assert typical / 20 < tps[step] < typical * 20, (step, tps[step], typical)
+
+
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(text_file, tmp_path):
     config = tiny_config(
         text_file, **{"train.max_steps": 30, "checkpoint.every_steps": 1, "optimizer.lr": 1e30}
