@@ -77,15 +77,16 @@ class Checkpoints:
         return self.manager.latest_step()
 
     def save(self, step: int, state: dict, frozen: dict, meta: dict) -> None:
-        self._room(step, self.dir, state, frozen)
-        with _disk_full_is_one_line(self.dir):
-            self.manager.save(step, args=_args(state, frozen, meta), force=True)
+        self._save(self.manager, self.dir, step, state, frozen, meta)
 
     def save_best(self, step: int, state: dict, frozen: dict, meta: dict, metrics: dict) -> None:
         """Offer a checkpoint to the best-k set; Orbax keeps it if its metric ranks among the best."""
-        self._room(step, self.dir + "_best", state, frozen)
-        with _disk_full_is_one_line(self.dir + "_best"):
-            self.best.save(step, args=_args(state, frozen, meta), metrics=metrics, force=True)
+        self._save(self.best, self.dir + "_best", step, state, frozen, meta, metrics=metrics)
+
+    def _save(self, manager, where: str, step: int, state: dict, frozen: dict, meta: dict, **kwargs) -> None:
+        self._room(step, where, state, frozen)
+        with _disk_full_is_one_line(where):
+            manager.save(step, args=_args(state, frozen, meta), force=True, **kwargs)
 
     @staticmethod
     def _room(step: int, where: str, state: dict, frozen: dict) -> None:

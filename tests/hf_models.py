@@ -4,6 +4,10 @@ import numpy as np
 import torch
 import transformers
 
+# The brief's parity tolerances against transformers, in one place for every test file; never relaxed.
+ATOL_LOGITS = 1e-4  # float32 logits
+ATOL_EXPORT = 1e-5  # export -> transformers round trip
+
 BASE = dict(
     vocab_size=97,
     hidden_size=32,

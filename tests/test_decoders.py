@@ -7,12 +7,9 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from hf_models import VARIANTS, batch, hf_logits, make_model
+from hf_models import ATOL_EXPORT, ATOL_LOGITS, VARIANTS, batch, hf_logits, make_model
 
 import jaxtune
-
-ATOL_LOGITS = 1e-4  # float32 parity with transformers; never relaxed
-ATOL_EXPORT = 1e-5  # export -> transformers round trip; never relaxed
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))

@@ -6,12 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from hf_models import make_model
+from hf_models import ATOL_LOGITS, batch, make_model
 
 import jaxtune
 from jaxtune.models.layers import Dropout
 
-ATOL_LOGITS = 1e-4  # float32 parity with transformers; never relaxed
 SCALE = 0.7  # what the stand-in "dropout" multiplies by at every site, on both sides
 
 
@@ -57,10 +56,7 @@ def test_dropout_sites_are_transformers_sites(variant, task, tmp_path, monkeypat
     ref = make_model(variant, task=task, attn="eager", **changes)  # eager: attention dropout in torch
     ref.save_pretrained(tmp_path / "hf")
     model = jaxtune.load_pretrained(str(tmp_path / "hf"))
-    rng = np.random.RandomState(0)
-    ids = rng.randint(3, 97, (3, 11))
-    mask = np.ones_like(ids)
-    mask[1, 7:] = 0
+    ids, mask = batch(97, left=False)
     plain = np.asarray(model(ids, attention_mask=mask))
     got = np.asarray(model(ids, attention_mask=mask, dropout=_Scale()))
 

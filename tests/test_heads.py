@@ -8,14 +8,12 @@ import pytest
 import torch
 import transformers
 from flax import nnx
-from hf_models import AUTO_CLASS, ENCODERS, make_model
+from hf_models import ATOL_EXPORT, ATOL_LOGITS, AUTO_CLASS, ENCODERS, make_model
 
 import jaxtune
 from jaxtune.losses import IGNORE_INDEX, classification_loss
 from jaxtune.pretrained import model_state
 
-ATOL_LOGITS = 1e-4  # float32 parity with transformers; never relaxed
-ATOL_EXPORT = 1e-5  # export -> transformers round trip; never relaxed
 SEQ, TOK = "sequence_classification", "token_classification"
 PAD = {"bert": 0, "roberta": 1, "distilbert": 0}
 

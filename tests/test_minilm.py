@@ -5,13 +5,12 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from hf_models import ATOL_EXPORT, ATOL_LOGITS
 
 import jaxtune
 from jaxtune import assets
 from jaxtune.pretrained import model_state
 
-ATOL_LOGITS = 1e-4  # float32 parity with transformers; never relaxed
-ATOL_EXPORT = 1e-5
 PAIRS = [
     ("a gripping, beautifully acted film", "I would see it again."),
     ("the plot is thin and the jokes fall flat", "Avoid it."),
