@@ -4,7 +4,9 @@
 
 Feeds each decoder layer transformers' own input (teacher forcing) and compares its output with
 transformers' eager attention; prints, next to it, how far transformers' sdpa attention is from its
-eager attention on the same layer, and the final-logit differences. Needs the test extra (torch).
+eager attention on the same layer, and the final-logit differences: in float32, and with both sides in
+float64 (the comparison tests/test_smollm2.py makes), and each side's float32 against its float64.
+Needs the test extra (torch).
 """
 
 import jax
@@ -60,6 +62,21 @@ def main():
             y = np.asarray(block(jnp.asarray(hidden[i]), jnp.arange(t)[None], mask))
             worst = max(worst, np.abs(y - hidden[i + 1]).max() / np.abs(hidden[i + 1]).max())
         print(f"[{name}] worst per-layer difference relative to the layer's largest activation: {worst:.1e}")
+        ref64 = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64)
+        with torch.no_grad():
+            theirs64 = ref64(torch.tensor(ids)).logits.numpy()
+        del ref64
+        jax.config.update("jax_enable_x64", True)
+        try:
+            ours64 = np.asarray(jaxtune.load_pretrained(path, dtype=jnp.float64)(ids))
+        finally:
+            jax.config.update("jax_enable_x64", False)
+        sdpa32 = outs["sdpa"][0]
+        print(
+            f"[{name}] float64: jaxtune-sdpa {np.abs(ours64 - theirs64).max():.2e}; float32 vs float64: "
+            f"jaxtune {np.abs(ours - ours64).max():.2e}, sdpa {np.abs(sdpa32 - theirs64).max():.2e}, "
+            f"eager {np.abs(eager_logits - theirs64).max():.2e}"
+        )
 
 
 if __name__ == "__main__":

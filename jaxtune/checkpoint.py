@@ -3,8 +3,10 @@
 Each checkpoint holds four items: ``params`` (trainable), ``frozen`` (the rest of the model, so a
 checkpoint is complete on its own), ``opt_state``, and ``meta`` (JSON: step, data position). Saves are
 asynchronous; Orbax writes into a temporary directory and renames it when complete, so a save cut short
-by a kill leaves only that temporary directory, which is reported and ignored. The model's
-config.json and tokenizer are in ``workdir/model/``, written once at the start of the run.
+by a kill leaves only that temporary directory, which is reported and ignored. A checkpoint that fails
+to restore (damaged on disk) is named in a warning and the one before it is used. The best-k set in
+``workdir/checkpoints_best/`` is ranked by :class:`BestRanking`, recorded in its ``best.json``. The
+model's config.json and tokenizer are in ``workdir/model/``.
 """
 
 from __future__ import annotations
@@ -12,25 +14,58 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import shutil
+import sys
+import tempfile
+import time
 
 import jax
 import orbax.checkpoint as ocp
 
+from jaxtune.errors import CheckpointError, ModelNotFound, first_line
+
 log = logging.getLogger(__name__)
 TMP_MARK = ".orbax-checkpoint-tmp"
-BEST_RECORD = "best.json"  # in checkpoints_best/: the step whose metric is the best so far
-ITEMS = ("params", "frozen", "opt_state")
+BEST_RECORD = "best.json"  # in checkpoints_best/: the ranking of the kept best steps, best first
+DAMAGED = "checkpoints_damaged"  # in the workdir: checkpoints that failed to restore, moved out of the way
 DISK_FULL = "No space left on device"  # how the OS's ENOSPC reads in Orbax's and TensorStore's errors
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be written (the disk is full); the message names the step, sizes and way out."""
 
 
 def directory(workdir: str) -> str:
     return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+class BestRanking:
+    """The ``keep`` best evals by one metric: (step, value) pairs, best first. Ties go to the earlier
+    step (a later eval must beat a kept one to displace it), and this one rule decides both what is
+    kept on disk and which step ``best.json`` names."""
+
+    def __init__(self, keep: int, mode: str, kept=()):
+        self.keep, self.sign = keep, 1.0 if mode == "max" else -1.0
+        self.kept = [(int(s), float(v)) for s, v in kept]
+
+    def _order(self, entry):
+        step, value = entry
+        # A NaN or infinite metric ranks after every real one (a NaN would compare false with all).
+        return (not math.isfinite(value), -self.sign * value if math.isfinite(value) else 0.0, step)
+
+    def offer(self, step: int, value: float) -> tuple[bool, list[int]]:
+        """Rank ``(step, value)``: (whether it is kept, the steps it pushes out)."""
+        ranked = sorted([*(e for e in self.kept if e[0] != step), (step, value)], key=self._order)
+        self.kept, out = ranked[: self.keep], [s for s, _ in ranked[self.keep :]]
+        return step not in out, [s for s in out if s != step]
+
+    @property
+    def best(self) -> tuple[int, float] | None:
+        return self.kept[0] if self.kept else None
+
+    def until(self, step: int) -> list[int]:
+        """Forget the evals after ``step`` (a resume recomputes them); returns their steps."""
+        later = [s for s, _ in self.kept if s > step]
+        self.kept = [e for e in self.kept if e[0] <= step]
+        return later
 
 
 class Checkpoints:
@@ -47,17 +82,19 @@ class Checkpoints:
         best_keep: int = 1,
     ):
         self.dir = directory(workdir)
-        self.best = None
+        self.best_dir = self.dir + "_best"
+        self.best = self.ranking = None
+        self.best_metric = best_metric
         if best_metric:
+            # No best_fn: which steps stay is decided by the ranking below, not by Orbax.
             best_options = ocp.CheckpointManagerOptions(
-                max_to_keep=best_keep,
-                best_fn=lambda metrics: metrics[best_metric],
-                best_mode=best_mode,
-                keep_checkpoints_without_metrics=False,
-                enable_async_checkpointing=async_save,
-                create=True,
+                max_to_keep=None, enable_async_checkpointing=async_save, create=True
             )
-            self.best = ocp.CheckpointManager(self.dir + "_best", options=best_options)
+            self.best = ocp.CheckpointManager(self.best_dir, options=best_options)
+            # A kill can come between best.json and the end of an asynchronous save: only steps on disk.
+            on_disk = set(self.best.all_steps())
+            kept = [e for e in read_best(self.best_dir).get("kept", ()) if int(e[0]) in on_disk]
+            self.ranking = BestRanking(best_keep, best_mode, kept)
         partial = sorted(n for n in os.listdir(self.dir) if TMP_MARK in n) if os.path.isdir(self.dir) else []
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True
@@ -79,14 +116,39 @@ class Checkpoints:
     def save(self, step: int, state: dict, frozen: dict, meta: dict) -> None:
         self._save(self.manager, self.dir, step, state, frozen, meta)
 
-    def save_best(self, step: int, state: dict, frozen: dict, meta: dict, metrics: dict) -> None:
-        """Offer a checkpoint to the best-k set; Orbax keeps it if its metric ranks among the best."""
-        self._save(self.best, self.dir + "_best", step, state, frozen, meta, metrics=metrics)
+    def offer_best(self, step: int, state: dict, frozen: dict, meta: dict, value: float) -> None:
+        """Keep this eval's checkpoint if it ranks among the best (and drop those it pushes out)."""
+        kept, dropped = self.ranking.offer(step, value)
+        if dropped:
+            self.best.wait_until_finished()  # a save still in flight is not deleted under Orbax's feet
+            for old in dropped:
+                if old in self.best.all_steps():
+                    self.best.delete(old)
+        if kept:
+            self._save(self.best, self.best_dir, step, state, frozen, meta)
+        if jax.process_index() == 0:
+            write_best(self.best_dir, self.best_metric, self.ranking)
 
-    def _save(self, manager, where: str, step: int, state: dict, frozen: dict, meta: dict, **kwargs) -> None:
+    def rewind_best(self, step: int) -> None:
+        """At a resume from ``step``: drop the best checkpoints of later evals, which the run redoes."""
+        if self.ranking is None:
+            return
+        later = self.ranking.until(step)
+        on_disk = set(self.best.all_steps())
+        later += [s for s in on_disk if s > step and s not in later]
+        for s in later:
+            if s in on_disk:
+                self.best.delete(s)
+        if later and jax.process_index() == 0:
+            write_best(self.best_dir, self.best_metric, self.ranking)
+
+    def best_step(self) -> tuple[int, float] | None:
+        return None if self.ranking is None else self.ranking.best
+
+    def _save(self, manager, where: str, step: int, state: dict, frozen: dict, meta: dict) -> None:
         self._room(step, where, state, frozen)
         with _disk_full_is_one_line(where):
-            manager.save(step, args=_args(state, frozen, meta), force=True, **kwargs)
+            manager.save(step, args=_args(state, frozen, meta), force=True)
 
     @staticmethod
     def _room(step: int, where: str, state: dict, frozen: dict) -> None:
@@ -103,24 +165,57 @@ class Checkpoints:
                 )
             )
 
-    def record_best(self, step: int, metric: str, value: float) -> None:
-        with open(os.path.join(self.dir + "_best", BEST_RECORD), "w") as f:
-            json.dump({"step": step, "metric": metric, "value": value}, f)
-
     def restore_best(self, step: int, abstract: dict) -> dict:
         """Items of best-k checkpoint ``step``."""
         self.best.wait_until_finished()
-        args = {k: ocp.args.StandardRestore(v) for k, v in abstract.items() if jax.tree.leaves(v)}
-        restored = dict(self.best.restore(step, args=ocp.args.Composite(**args)))
-        return {k: restored.get(k, v) for k, v in abstract.items()}
+        return _restore(self.best, step, abstract)
 
     def restore(self, step: int, abstract: dict) -> dict:
         """Items of a checkpoint; ``abstract`` maps each wanted item to its abstract arrays (shapes,
         dtypes, shardings). ``meta`` comes back too."""
-        args = {k: ocp.args.StandardRestore(v) for k, v in abstract.items() if jax.tree.leaves(v)}
-        args["meta"] = ocp.args.JsonRestore()
-        restored = dict(self.manager.restore(step, args=ocp.args.Composite(**args)))
-        return {k: restored.get(k, v) for k, v in abstract.items()} | {"meta": restored["meta"]}
+        return _restore(self.manager, step, abstract, meta=True)
+
+    def restore_latest(self, abstract: dict) -> tuple[int | None, dict | None]:
+        """(step, items) of the newest checkpoint that restores, or (None, None) when there is none.
+
+        A damaged one (a truncated array file, a missing item) is named in a warning and moved to
+        ``workdir/checkpoints_damaged/``, so the run goes on from the one before it and can save that
+        step again; if every checkpoint is damaged, a CheckpointError says so."""
+        damaged = []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                items = self.restore(step, abstract)
+            except Exception as e:  # noqa: BLE001 - Orbax and TensorStore raise many types for bad data
+                damaged.append(step)
+                log.warning(
+                    "checkpoint %d in %s is damaged (%s); %s",
+                    step,
+                    self.dir,
+                    _reason(e),
+                    "trying the one before it" if step != min(self.manager.all_steps()) else "none left",
+                )
+                continue
+            if damaged:
+                self._set_aside(damaged)
+                log.warning("resuming from step %d; damaged step(s) %s moved to %s", step, damaged, DAMAGED)
+            return step, items
+        if damaged:
+            raise CheckpointError(
+                f"no intact checkpoint in {self.dir} (damaged: steps {sorted(damaged)}); move the workdir "
+                "away to start afresh, or restore the checkpoints from a copy"
+            )
+        return None, None
+
+    def _set_aside(self, steps) -> None:
+        if jax.process_index() == 0:
+            aside = os.path.join(os.path.dirname(self.dir), DAMAGED)
+            os.makedirs(aside, exist_ok=True)
+            for step in steps:
+                target = os.path.join(aside, f"{step}")
+                if os.path.exists(target):
+                    shutil.rmtree(target)
+                shutil.move(os.path.join(self.dir, str(step)), target)
+        self.manager.reload()
 
     def wait(self) -> None:
         with _disk_full_is_one_line(self.dir):
@@ -142,6 +237,116 @@ class Checkpoints:
                     manager.close()
             except Exception as e:  # noqa: BLE001 - logged; the run's own error is already on its way
                 log.warning("closing the checkpoints in %s after the failed run: %s", self.dir, str(e)[:300])
+
+
+def read_best(best_dir: str) -> dict:
+    """``best.json`` of a best-checkpoint directory ({} when there is none or it is unreadable)."""
+    path = os.path.join(best_dir, BEST_RECORD)
+    try:
+        with open(path) as f:
+            record = json.load(f)
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        log.warning("%s is unreadable (%s); the best checkpoints are ranked again from here on", path, e)
+        return {}
+    if "kept" not in record and "step" in record:  # written before the ranking was recorded
+        record["kept"] = [[record["step"], record["value"]]]
+    return record
+
+
+def write_best(best_dir: str, metric: str, ranking: BestRanking) -> None:
+    """``best.json``: the best step and value, and every kept step with its value, best first. Written
+    to a temporary file and renamed, so a kill never leaves half a record."""
+    top = ranking.best
+    record = {"metric": metric, "kept": [list(e) for e in ranking.kept]}
+    if top is not None:
+        record.update(step=top[0], value=top[1])
+    tmp = os.path.join(best_dir, BEST_RECORD + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(record, f)
+    os.replace(tmp, os.path.join(best_dir, BEST_RECORD))
+
+
+def _restore(manager, step: int, abstract: dict, meta: bool = False) -> dict:
+    args = {k: ocp.args.StandardRestore(v) for k, v in abstract.items() if jax.tree.leaves(v)}
+    if meta:
+        args["meta"] = ocp.args.JsonRestore()
+    _skip_orbax_echoes()
+    with _echoes_dropped_from_stderr():
+        restored = dict(manager.restore(step, args=ocp.args.Composite(**args)))
+    out = {k: restored.get(k, v) for k, v in abstract.items()}
+    return out | {"meta": restored["meta"]} if meta else out
+
+
+_ECHO_LINES = (
+    "Traceback (most recent call last):",
+    "asyncio/base_events.py",
+    "self._check_closed()",
+    "raise RuntimeError('Event loop is closed')",
+    "Event loop is closed",
+)
+
+
+@contextlib.contextmanager
+def _echoes_dropped_from_stderr():
+    """Around a restore: TensorStore prints the closed-event-loop echoes (see below) from its own
+    threads straight to file descriptor 2, past any Python hook. Standard error is caught in a file
+    meanwhile and written back after, less those lines when the restore failed."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    failed = False
+    with tempfile.TemporaryFile() as caught:
+        os.dup2(caught.fileno(), 2)
+        try:
+            yield
+        except Exception:
+            failed = True
+            logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # jaxtune itself runs no asyncio code
+            time.sleep(0.3)  # the abandoned readers finish within moments
+            raise
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            caught.seek(0)
+            lines = caught.read().decode("utf-8", "replace").splitlines(keepends=True)
+            if failed:
+                lines = [line for line in lines if not any(m in line for m in _ECHO_LINES) and line.strip()]
+            sys.stderr.write("".join(lines))
+            sys.stderr.flush()
+
+
+def _reason(e: BaseException) -> str:
+    """Why a restore failed, in a few words (TensorStore appends a page of spec after 'See full')."""
+    return first_line(e).split(" See full TensorStore details")[0][:200]
+
+
+def _skip_orbax_echoes() -> None:
+    """When a restore fails on a damaged checkpoint, Orbax's other array readers fail on their own
+    as they are collected, each printing a page of TensorStore spec (an unretrieved task, a callback
+    into a closed event loop). The failure that matters is raised and reported in one line; these
+    echoes of it are dropped, and nothing else is."""
+    if not isinstance(sys.unraisablehook, _SkipOrbaxEchoes):
+        sys.unraisablehook = _SkipOrbaxEchoes(sys.unraisablehook)
+    if not isinstance(sys.excepthook, _SkipOrbaxEchoes):
+        sys.excepthook = _SkipOrbaxEchoes(sys.excepthook)
+
+
+class _SkipOrbaxEchoes:
+    """A sys.unraisablehook / sys.excepthook that drops the echoes described above."""
+
+    def __init__(self, hook):
+        self.hook = hook
+
+    def __call__(self, *args):
+        if len(args) == 1:  # unraisablehook(unraisable)
+            where = getattr(args[0].object, "__qualname__", "") or repr(args[0].object)
+            if "_read_array_index_and_device_put" in where or "async_deserialize" in where:
+                return None
+        elif isinstance(args[1], RuntimeError) and str(args[1]) == "Event loop is closed":
+            return None
+        return self.hook(*args)
 
 
 def free_bytes(path: str) -> int | None:
@@ -196,58 +401,102 @@ def _args(state: dict, frozen: dict, meta: dict):
     return ocp.args.Composite(**args)
 
 
-def split_path(path: str) -> tuple[str, int | None]:
-    """(workdir, step or None) for ``WORKDIR`` or ``WORKDIR/checkpoints/STEP`` or ``WORKDIR/STEP``."""
+def split_path(path: str) -> tuple[str, str | None, int | None]:
+    """(workdir, checkpoint directory or None, step or None) for ``WORKDIR``,
+    ``WORKDIR/checkpoints/STEP`` or ``WORKDIR/checkpoints_best/STEP``."""
     path = os.path.abspath(path)
     head, tail = os.path.split(path)
-    if tail.isdigit():
-        workdir = os.path.dirname(head) if os.path.basename(head) == "checkpoints" else head
-        return workdir, int(tail)
-    return path, None
+    if tail.isdigit() and os.path.basename(head) in ("checkpoints", "checkpoints_best"):
+        return os.path.dirname(head), head, int(tail)
+    if tail.isdigit():  # WORKDIR/STEP
+        return head, directory(head), int(tail)
+    return path, None, None
+
+
+def _read_only(where: str):
+    # Read-only: restoring (for an export while the run trains, say) never cleans up the run's
+    # temporary save directories.
+    return ocp.CheckpointManager(where, options=ocp.CheckpointManagerOptions(read_only=True))
 
 
 def restore_model(path: str):
-    """(model, tokenizer or None) of a training checkpoint: ``WORKDIR`` (the latest step) or
-    ``WORKDIR/checkpoints/STEP``. Parameters land on the first local device, whatever mesh the run
+    """(model, tokenizer or None) of a training checkpoint: ``WORKDIR`` (its best checkpoint when the
+    run kept them, else the latest) or ``WORKDIR/checkpoints[_best]/STEP``. A damaged checkpoint is
+    named in a warning and the next one is taken (the next best, then the latest ones); a step asked
+    for by name is never replaced. Parameters land on the first local device, whatever mesh the run
     used, so a pod's checkpoint exports on one machine."""
     from flax import nnx
 
     from jaxtune import optim, pretrained
 
-    workdir, step = split_path(path)
+    workdir, where, step = split_path(path)
     model_dir = os.path.join(workdir, "model")
     if not os.path.exists(os.path.join(model_dir, "config.json")):
-        raise FileNotFoundError(
+        raise ModelNotFound(
             f"{workdir}: not a jaxtune run directory (no model/config.json); pass --workdir's path"
         )
-    if not os.path.isdir(directory(workdir)):
-        raise FileNotFoundError(f"{workdir}: has no checkpoints/ directory; the run saved no checkpoint")
-    ckpts = Checkpoints(workdir, async_save=False)
-    manager = ckpts.manager
-    record = os.path.join(ckpts.dir + "_best", BEST_RECORD)
-    if step is None and os.path.exists(record):  # a run that kept its best checkpoints exports the best
-        with open(record) as f:
-            step = json.load(f)["step"]
-        manager = ocp.CheckpointManager(
-            ckpts.dir + "_best", options=ocp.CheckpointManagerOptions(read_only=True)
-        )
-        log.info("exporting the best checkpoint, step %d (%s)", step, record)
-    step = manager.latest_step() if step is None else step
-    if step is None or step not in manager.all_steps():
-        raise FileNotFoundError(
-            f"{ckpts.dir}: no checkpoint for step {step}; available: {sorted(manager.all_steps())}"
-        )
-    ckpts.manager = manager
-    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    latest_dir = directory(workdir)
+    if not os.path.isdir(latest_dir):
+        raise ModelNotFound(f"{workdir}: has no checkpoints/ directory; the run saved no checkpoint")
+    managers = {d: _read_only(d) for d in (latest_dir, latest_dir + "_best") if os.path.isdir(d)}
+    if step is not None:
+        available = sorted(managers[where].all_steps()) if where in managers else []
+        if step not in available:
+            raise ModelNotFound(f"{where}: no checkpoint for step {step}; available: {available}")
+        candidates = [(where, step)]
+    else:
+        best_dir = latest_dir + "_best"
+        ranked = [s for s, _ in read_best(best_dir).get("kept", ())] if best_dir in managers else []
+        candidates = [(best_dir, s) for s in ranked if s in managers[best_dir].all_steps()]
+        candidates += [(latest_dir, s) for s in sorted(managers[latest_dir].all_steps(), reverse=True)]
+        if not candidates:
+            raise ModelNotFound(
+                f"{latest_dir}: holds no complete checkpoint yet; wait for the run's first save"
+            )
     graphdef, state = nnx.split(pretrained.abstract_model(model_dir))
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), nnx.to_pure_dict(state)
     )
-    frozen_paths = set(meta.get("frozen_paths", []))
-    frozen, params = optim.split(target, lambda p: p in frozen_paths)
-    restored = ckpts.restore(step, {"params": params, "frozen": frozen})
-    ckpts.close()
+    try:
+        for n, (where, step) in enumerate(candidates):
+            manager = managers[where]
+            try:
+                meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+                frozen_paths = frozenset(meta.get("frozen_paths", []))
+                frozen, params = optim.split(target, frozen_paths.__contains__)
+                restored = _restore(manager, step, {"params": params, "frozen": frozen})
+            except Exception as e:  # noqa: BLE001 - Orbax and TensorStore raise many types for bad data
+                if len(candidates) == 1:
+                    raise CheckpointError(
+                        f"{where}/{step}: the checkpoint is damaged ({_reason(e)}); "
+                        + (
+                            "pass the workdir to take the newest intact one"
+                            if split_path(path)[2] is not None
+                            else "restore it from a copy"
+                        )
+                    ) from e
+                last = n == len(candidates) - 1
+                log.warning(
+                    "checkpoint %s/%d is damaged (%s); %s",
+                    where,
+                    step,
+                    _reason(e),
+                    "no other checkpoint is left" if last else "taking the next one",
+                )
+                continue
+            if n:
+                log.warning("using checkpoint %s/%d in place of the damaged one(s) before it", where, step)
+            elif where.endswith("_best"):
+                log.info("taking the best checkpoint, step %d (%s)", step, os.path.join(where, BEST_RECORD))
+            break
+        else:
+            raise CheckpointError(
+                f"{workdir}: no intact checkpoint (tried {len(candidates)}); restore the workdir from a copy"
+            )
+    finally:
+        for manager in managers.values():
+            manager.close()
     model = nnx.merge(graphdef, optim.merge(restored["params"], restored["frozen"]))
     try:
         tokenizer = pretrained.load_tokenizer(model_dir)

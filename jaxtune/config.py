@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import difflib
 import math
-import os
 
 import ml_collections
+
+from jaxtune.errors import ConfigError
 
 DTYPES = ("float32", "bfloat16", "float16")
 OPTIMIZERS = ("adamw", "adafactor", "lion", "sgd")
@@ -87,6 +88,9 @@ def defaults() -> ml_collections.ConfigDict:
         seed=0,
         log_every=1,
         peak_tflops=0.0,  # per device, for MFU; 0 = from the device kind
+        # after SIGTERM / Ctrl-C, exit anyway (non-zero, no new checkpoint) if the step and its save are
+        # not done within this many seconds; 0 = wait as long as they take
+        stop_timeout_s=600.0,
     )
     c.optimizer = dict(
         name="adamw",
@@ -176,15 +180,11 @@ def classifier_defaults() -> ml_collections.ConfigDict:
     return c
 
 
-class ConfigError(ValueError):
-    """A config mistake, in one line naming the key, the value and the fix."""
-
-
-def _flat(d, prefix="") -> dict:
+def flat(d, prefix="") -> dict:
     out = {}
     for k, v in d.items():
         if isinstance(v, ml_collections.ConfigDict | dict):
-            out.update(_flat(v, f"{prefix}{k}."))
+            out.update(flat(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
@@ -242,37 +242,23 @@ def mesh_shape(config, num_devices: int) -> dict:
     return sizes
 
 
-def _unknown_key(key: str, known) -> ConfigError:
+def unknown_key(key: str, known) -> ConfigError:
     close = difflib.get_close_matches(key, list(known), n=1)
     hint = f"; did you mean {close[0]}?" if close else f"; known keys: {', '.join(sorted(known))}"
     return ConfigError(f"config key {key} is unknown{hint}")
 
 
-def check_command_line(argv) -> None:
-    """Check ``--config PATH[:arg]`` and ``--config.KEY=VALUE`` arguments before ml_collections reads
-    them, so a missing file or a misspelt key gets one line naming it."""
-    known = _flat(defaults())
-    for i, arg in enumerate(argv):
-        if arg.startswith("--config."):
-            key = arg[len("--config.") :].split("=", 1)[0]
-            if key not in known:
-                raise _unknown_key(key, known)
-        elif arg == "--config" or arg.startswith("--config="):
-            value = arg.split("=", 1)[1] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else "")
-            path = value.split(":", 1)[0]
-            if not os.path.isfile(path):
-                raise ConfigError(f"config file {path!r} does not exist; pass --config configs/NAME.py")
-
-
 def validate(config, num_devices: int | None = None) -> None:
     """Raise :class:`ConfigError` for the first mistake in ``config``; return None when it is sound."""
-    known = _flat(defaults())
-    given = _flat(config)
+    known = flat(defaults())
+    given = flat(config)
     for key in given:
         if key not in known:
-            raise _unknown_key(key, known)
+            raise unknown_key(key, known)
     for key, value in given.items():
         _check_type(key, value, known[key])
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"config key {key} = {value} is not a finite number; give it a real value")
     c = config
     if not c.model.path:
         raise ConfigError(
@@ -319,6 +305,7 @@ def validate(config, num_devices: int | None = None) -> None:
     for key in ("batch_size", "num_epochs", "grad_accum_steps", "log_every"):
         _positive(f"train.{key}", c.train[key])
     _positive("train.max_steps", c.train.max_steps, zero_ok=True)
+    _positive("train.stop_timeout_s", c.train.stop_timeout_s, zero_ok=True)
     _one_of("optimizer.name", c.optimizer.name, OPTIMIZERS)
     _one_of("optimizer.schedule", c.optimizer.schedule, SCHEDULES)
     _positive("optimizer.lr", c.optimizer.lr)

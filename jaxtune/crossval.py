@@ -26,8 +26,9 @@ import jax
 import numpy as np
 
 from jaxtune import data
-from jaxtune.config import ConfigError
 from jaxtune.data import classify
+from jaxtune.errors import ConfigError
+from jaxtune.workdir import Lock
 
 log = logging.getLogger("jaxtune.crossval")
 
@@ -88,10 +89,10 @@ def _sync(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def run(config, workdir: str, k: int) -> dict:
+def run(config, workdir: str, k: int) -> dict | None:
     """Train and evaluate ``k`` folds of ``config``'s training data under ``workdir``; returns the
-    summary also written to ``workdir/crossval.json``."""
-    from jaxtune import train
+    summary also written to ``workdir/crossval.json``, or None when a signal stopped a fold (a rerun
+    continues it)."""
 
     c = config.data
     if k < 2:
@@ -124,7 +125,13 @@ def run(config, workdir: str, k: int) -> dict:
         held = folds(names, k, config.train.seed)
     else:
         held = folds(len(recs), k, config.train.seed)
-    os.makedirs(workdir, exist_ok=True)
+    with Lock(workdir, enabled=jax.process_index() == 0):
+        return _run_folds(config, workdir, k, recs, labels, held)
+
+
+def _run_folds(config, workdir: str, k: int, recs, labels, held) -> dict | None:
+    from jaxtune import train
+
     fingerprint = hashlib.sha256(json.dumps([h.tolist() for h in held]).encode()).hexdigest()[:16]
     _check_plan(workdir, {"folds": k, "seed": config.train.seed, "records": len(recs), "split": fingerprint})
     results = []
@@ -149,7 +156,9 @@ def run(config, workdir: str, k: int) -> dict:
         fold_config.data.eval_fraction, fold_config.data.max_train_records = 0.0, 0
         fold_config.export.at_end = False  # folds measure the recipe; train the final model on all data
         log.info("fold %d of %d: %d training and %d eval records", f + 1, k, keep.sum(), len(eval_index))
-        train.run(fold_config, fold_dir, labels=labels)
+        if train.run(fold_config, fold_dir, labels=labels).get("stopped"):
+            log.info("fold %d of %d stopped with a checkpoint; rerun on %s to continue", f + 1, k, workdir)
+            return None
         result = {
             "fold": f,
             "train_records": int(keep.sum()),
@@ -186,17 +195,18 @@ def table(out: dict) -> str:
 
 
 def main(argv=None) -> int:
-    from absl import flags
+    from jaxtune import cli
 
-    from jaxtune import train
+    p = cli.parser("crossval", __doc__)
+    cli.add_run_arguments(p)
+    p.add_argument("--folds", type=int, default=5, help="number of folds (default 5)")
 
-    def define(flag_values):
-        flags.DEFINE_integer("folds", 5, "number of folds", flag_values=flag_values)
+    def body(args):
+        out = run(args.config, args.workdir, args.folds)
+        if out is not None:
+            print(table(out))
 
-    def body(flags_):
-        print(table(run(flags_.config, flags_.workdir, flags_.folds)))
-
-    return train.cli(argv, "jaxtune.crossval", body, define)
+    return cli.main(p, body, argv, with_config=True)
 
 
 if __name__ == "__main__":

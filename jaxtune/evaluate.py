@@ -13,11 +13,10 @@ class), MCC and the confusion matrix; exact match and F1 (multi-label); MSE, Pea
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
-from jaxtune import metrics
+from jaxtune import cli, metrics
 from jaxtune.data import classify, sources
 
 
@@ -56,39 +55,23 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    from jaxtune.predict import add_model_arguments, load
+def run(args) -> None:
+    from jaxtune.predict import check_arguments, load
 
-    parser = argparse.ArgumentParser(prog="python -m jaxtune.evaluate", description=__doc__.split("\n")[0])
-    add_model_arguments(parser)
-    parser.add_argument("--data", required=True, help="labelled data: a file, glob, tfds:NAME or hf:NAME")
-    parser.add_argument("--split", default="validation", help="split of tfds: / hf: sources")
-    parser.add_argument("--text-pair-field", default="")
-    parser.add_argument("--label-field", default="label")
-    parser.add_argument(
-        "--metric", action="append", default=[], help="extra metric, pkg.module:fn (repeatable)"
+    check_arguments(args, [("--output", args.output), ("--plot", args.plot)])
+    model, tokenizer = load(args)
+    records = [r for s in sources.expand(args.data, "--data") for r in sources.read(s, args.split)]
+    result = evaluate(
+        model,
+        tokenizer,
+        records,
+        args.text_field,
+        args.text_pair_field,
+        args.label_field,
+        metrics.user_metrics(",".join(args.metric)),
+        batch_size=args.batch_size,
+        max_length=args.max_length,
     )
-    parser.add_argument("--output", help="write the metrics as JSON here too")
-    parser.add_argument("--plot", help="write the confusion matrix as a PNG here")
-    args = parser.parse_args(argv)
-
-    try:
-        model, tokenizer = load(args)
-        records = [r for s in sources.expand(args.data, "--data") for r in sources.read(s, args.split)]
-        result = evaluate(
-            model,
-            tokenizer,
-            records,
-            args.text_field,
-            args.text_pair_field,
-            args.label_field,
-            metrics.user_metrics(",".join(args.metric)),
-            batch_size=args.batch_size,
-            max_length=args.max_length,
-        )
-    except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     print(table(result))
     if args.output:
         with open(args.output, "w") as f:
@@ -97,7 +80,21 @@ def main(argv=None) -> int:
         from jaxtune.plots import confusion_png
 
         confusion_png(result["confusion_matrix"], model.task.labels, args.plot, args.data)
-    return 0
+
+
+def main(argv=None) -> int:
+    from jaxtune.predict import add_model_arguments
+
+    p = cli.parser("evaluate", __doc__)
+    add_model_arguments(p)
+    p.add_argument("--data", required=True, help="labelled data: a file, glob, tfds:NAME or hf:NAME")
+    p.add_argument("--split", default="validation", help="split of tfds: / hf: sources")
+    p.add_argument("--text-pair-field", default="")
+    p.add_argument("--label-field", default="label")
+    p.add_argument("--metric", action="append", default=[], help="extra metric, pkg.module:fn (repeatable)")
+    p.add_argument("--output", help="write the metrics as JSON here too")
+    p.add_argument("--plot", help="write the confusion matrix as a PNG here")
+    return cli.main(p, run, argv)
 
 
 if __name__ == "__main__":

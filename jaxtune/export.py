@@ -6,45 +6,59 @@
 PATH is a Hugging Face directory, a hub id or a .gguf file; WORKDIR a training run's directory (its
 latest checkpoint, or the STEP given). DIR receives config.json, safetensors (sharded above 5 GB, with
 an index) and the tokenizer files, loadable by ``transformers.AutoModelFor<Task>.from_pretrained(DIR)``
-with no extra code.
+with no extra code. A non-empty DIR is refused unless ``--overwrite``.
 """
 
 from __future__ import annotations
 
-import argparse
+import os
 import sys
 
-from jaxtune.pretrained import load_pretrained, load_tokenizer, save_pretrained
+from jaxtune import cli
+from jaxtune.config import DTYPES
+from jaxtune.errors import OutputError
 
-DTYPES = ("float32", "bfloat16", "float16")
+
+def check_out(out: str, overwrite: bool) -> None:
+    """An export goes to a new or empty directory, or replaces one with ``--overwrite`` (its old weight
+    files and indexes are removed, so no stale shard or index is loaded in place of the new weights)."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise OutputError(f"--out {out}: a file stands there; pass a directory path")
+    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+        raise OutputError(
+            f"--out {out} is not empty; pass --overwrite to replace the model in it, "
+            "or choose a new directory"
+        )
+
+
+def export(args) -> None:
+    from jaxtune.pretrained import load_pretrained, load_tokenizer, save_pretrained
+
+    check_out(args.out, args.overwrite)
+    if args.checkpoint:
+        from jaxtune.checkpoint import restore_model
+
+        model, tokenizer = restore_model(args.checkpoint)
+    else:
+        model = load_pretrained(args.model, dtype=args.dtype or "float32")
+        try:
+            tokenizer = load_tokenizer(args.model)
+        except (OSError, ValueError) as e:
+            print(f"warning: no tokenizer exported ({e})", file=sys.stderr)
+            tokenizer = None
+    save_pretrained(model, args.out, tokenizer=tokenizer, dtype=args.dtype)
+    print(f"wrote {args.out}")
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jaxtune.export", description=__doc__.split("\n")[0])
-    source = parser.add_mutually_exclusive_group(required=True)
+    p = cli.parser("export", __doc__)
+    source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="Hugging Face directory, hub id or .gguf file")
     source.add_argument("--checkpoint", help="training run directory, or WORKDIR/checkpoints/STEP")
-    parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--dtype", default=None, choices=DTYPES, help="cast the weights (default: keep)")
-    args = parser.parse_args(argv)
-    try:
-        if args.checkpoint:
-            from jaxtune.checkpoint import restore_model
-
-            model, tokenizer = restore_model(args.checkpoint)
-        else:
-            model = load_pretrained(args.model, dtype=args.dtype or "float32")
-            try:
-                tokenizer = load_tokenizer(args.model)
-            except (OSError, ValueError) as e:
-                print(f"warning: no tokenizer exported ({e})", file=sys.stderr)
-                tokenizer = None
-        save_pretrained(model, args.out, tokenizer=tokenizer, dtype=args.dtype)
-    except (OSError, ValueError, ConnectionError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {args.out}")
-    return 0
+    p.add_argument("--out", required=True, help="output directory (new or empty)")
+    p.add_argument("--overwrite", action="store_true", help="replace the model in a non-empty --out")
+    p.add_argument("--dtype", default=None, choices=DTYPES, help="cast the weights (default: keep)")
+    return cli.main(p, export, argv)
 
 
 if __name__ == "__main__":

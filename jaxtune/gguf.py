@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from jaxtune.errors import ModelError
 from jaxtune.hf import Tensors
 
 # GGUF tensor name -> Hugging Face key, for the llama architecture (Llama, Mistral, SmolLM, ...).
@@ -30,7 +31,7 @@ def _reader(path: str):
     try:
         return gguf.GGUFReader(path)
     except Exception as e:
-        raise ValueError(f"{path}: not a readable GGUF file ({e})") from e
+        raise ModelError(f"{path}: not a readable GGUF file ({e})") from e
 
 
 def _field(reader, key, default=None):
@@ -61,7 +62,7 @@ def read(path: str):
     reader = _reader(path)
     arch = _field(reader, "general.architecture")
     if arch != "llama":
-        raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported; supported: llama")
+        raise ModelError(f"{path}: GGUF architecture {arch!r} is not supported; supported: llama")
     heads = int(_field(reader, "llama.attention.head_count"))
     kv_heads = int(_field(reader, "llama.attention.head_count_kv", heads))
     tensors = {t.name: t for t in reader.tensors}
@@ -82,7 +83,7 @@ def read(path: str):
 
         readers[key] = (path, read_one)
     if unknown:
-        raise ValueError(f"{path}: GGUF tensors jaxtune cannot map: {', '.join(unknown)}")
+        raise ModelError(f"{path}: GGUF tensors jaxtune cannot map: {', '.join(unknown)}")
     tokens = _field(reader, "tokenizer.ggml.tokens")
     hidden = int(_field(reader, "llama.embedding_length"))
     config = LlamaConfig(
@@ -121,7 +122,7 @@ def tokenizer(path: str):
     reader = _reader(path)
     kind = _field(reader, "tokenizer.ggml.model")
     if kind != "gpt2":
-        raise ValueError(
+        raise ModelError(
             f"{path}: GGUF tokenizer model {kind!r} is not supported; supported: gpt2 (byte-level BPE)"
         )
     tokens = list(_field(reader, "tokenizer.ggml.tokens"))

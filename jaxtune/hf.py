@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterator, Mapping
 
 import numpy as np
 
+from jaxtune.errors import ModelError, ModelNotFound, first_line
+
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 TORCH_BIN = "pytorch_model.bin"
@@ -44,19 +46,40 @@ class Tensors(Mapping):
 
 
 def _safetensors_readers(path: str) -> dict:
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    handle = safe_open(path, framework="np")
-    return {key: (path, lambda k, h=handle: h.get_tensor(k)) for key in handle.keys()}
+    def read(key, handle):
+        try:
+            return handle.get_tensor(key)
+        except SafetensorError as e:
+            raise ModelError(f"{path}: tensor {key} cannot be read ({e}); download the file again") from e
+
+    try:
+        handle = safe_open(path, framework="np")
+        keys = list(handle.keys())
+    except SafetensorError as e:  # a truncated or corrupt file fails here, on its header
+        raise ModelError(f"{path}: not a readable safetensors file ({e}); download the file again") from e
+    return {key: (path, lambda k, h=handle: read(k, h)) for key in keys}
 
 
 def _torch_readers(path: str) -> dict:
+    import pickle
+
     try:
         import torch
     except ImportError as e:
-        raise ImportError(f"{path}: reading pytorch_model.bin needs torch; convert it to safetensors") from e
+        raise ModelError(f"{path}: reading pytorch_model.bin needs torch; convert it to safetensors") from e
     # weights_only refuses pickled code: a .bin file cannot run anything on load.
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's own message suggests weights_only=False, which would run the file's code: never that.
+        raise ModelError(
+            f"{path}: the pickle holds more than tensors, so it was not loaded (jaxtune never runs code "
+            "from a model file); get this model as safetensors, or convert the file in a sandbox you trust"
+        ) from e
+    except (RuntimeError, EOFError) as e:  # truncated or not a torch file at all
+        raise ModelError(f"{path}: not a readable PyTorch checkpoint ({first_line(e)})") from e
 
     def read(k, state=state):
         t = state[k]
@@ -65,29 +88,53 @@ def _torch_readers(path: str) -> dict:
     return {key: (path, read) for key in state}
 
 
+# transformers' order of preference in a model directory: a checkpoint found first is the one loaded,
+# so a directory holding both a model.safetensors and an older index loads the same weights here.
+WEIGHT_FILES = (
+    (SAFETENSORS, False, _safetensors_readers),
+    (SAFETENSORS_INDEX, True, _safetensors_readers),
+    (TORCH_BIN, False, _torch_readers),
+    (TORCH_BIN_INDEX, True, _torch_readers),
+)
+
+
 def read_checkpoint(model_dir: str) -> Tensors:
     """All weight tensors of a Hugging Face model directory (single or sharded, safetensors or .bin)."""
-    for index_name, reader in ((SAFETENSORS_INDEX, _safetensors_readers), (TORCH_BIN_INDEX, _torch_readers)):
-        index_path = os.path.join(model_dir, index_name)
-        if os.path.exists(index_path):
-            with open(index_path) as f:
-                weight_map = json.load(f)["weight_map"]
-            readers = {}
-            for shard in sorted(set(weight_map.values())):
-                shard_path = os.path.join(model_dir, shard)
-                if not os.path.exists(shard_path):
-                    raise FileNotFoundError(
-                        f"{index_path}: shard {shard} is listed but missing from {model_dir}; "
-                        "download the complete checkpoint"
-                    )
-                readers.update(reader(shard_path))
-            return Tensors(readers)
-    for name, reader in ((SAFETENSORS, _safetensors_readers), (TORCH_BIN, _torch_readers)):
+    for name, indexed, reader in WEIGHT_FILES:
         path = os.path.join(model_dir, name)
-        if os.path.exists(path):
+        if not os.path.exists(path):
+            continue
+        if not indexed:
             return Tensors(reader(path))
-    raise FileNotFoundError(
+        try:
+            with open(path, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ModelError(f"{path}: not a valid weight index ({e}); download it again") from e
+        readers = {}
+        for shard in sorted(set(weight_map.values())):
+            shard_path = os.path.join(model_dir, shard)
+            if not os.path.exists(shard_path):
+                raise ModelNotFound(
+                    f"{path}: shard {shard} is listed but missing from {model_dir}; "
+                    "download the complete checkpoint"
+                )
+            readers.update(reader(shard_path))
+        return Tensors(readers)
+    raise ModelNotFound(
         f"{model_dir}: no weights found; expected {SAFETENSORS}, {SAFETENSORS_INDEX} or {TORCH_BIN}"
+    )
+
+
+def stale_weight_files(out_dir: str) -> list[str]:
+    """Weight files and indexes in ``out_dir`` that an export would leave beside its own."""
+    if not os.path.isdir(out_dir):
+        return []
+    names = {name for name, _, _ in WEIGHT_FILES}
+    return sorted(
+        n
+        for n in os.listdir(out_dir)
+        if n in names or re.fullmatch(r"(model|pytorch_model)-\d+-of-\d+\.(safetensors|bin)", n)
     )
 
 
@@ -150,7 +197,7 @@ def state_from_hf(
         wanted = range(num_layers) if path.startswith("layers.") else [None]
         missing += [f"{path}[layer {i}]" if i is not None else path for i in wanted if i not in got]
     if missing or unused:
-        raise ValueError(
+        raise ModelError(
             "checkpoint does not match config.json: "
             + (f"parameters with no checkpoint tensor: {', '.join(missing)}; " if missing else "")
             + (f"checkpoint tensors that map to no parameter: {', '.join(sorted(unused))}" if unused else "")
@@ -168,7 +215,7 @@ def state_from_hf(
             arr = np.asarray(tensors[key])
             if arr.shape != tx.hf_shape(inner):
                 src = tensors.source(key) if hasattr(tensors, "source") else "checkpoint"
-                raise ValueError(
+                raise ModelError(
                     f"{src}: tensor {key} has shape {tuple(arr.shape)}, but config.json implies "
                     f"{tx.hf_shape(inner)}; the weights and config.json belong to different models"
                 )
@@ -208,6 +255,8 @@ def write_safetensors(
         total += arr.nbytes
     # transformers checks this metadata to know the tensors are in PyTorch layout.
     meta = {"format": "pt"}
+    for name in stale_weight_files(out_dir):  # an older model's weights must not stay beside these
+        os.remove(os.path.join(out_dir, name))
     if len(shards) == 1:
         save_file(shards[0], os.path.join(out_dir, SAFETENSORS), metadata=meta)
         return

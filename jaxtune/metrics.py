@@ -19,6 +19,8 @@ import importlib
 
 import numpy as np
 
+from jaxtune.errors import ConfigError
+
 
 def _safe_div(num, den):
     num, den = np.asarray(num, np.float64), np.asarray(den, np.float64)
@@ -123,13 +125,13 @@ def user_metric(path: str):
     returns a number or a dict of numbers."""
     module, sep, name = path.partition(":")
     if not sep or not module or not name:
-        raise ValueError(f"metric {path!r} is not of the form package.module:function")
+        raise ConfigError(f"metric {path!r} is not of the form package.module:function")
     try:
         fn = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as e:
-        raise ValueError(f"metric {path!r} cannot be imported ({e}); check the module path and name") from e
+        raise ConfigError(f"metric {path!r} cannot be imported ({e}); check the module path and name") from e
     if not callable(fn):
-        raise ValueError(f"metric {path!r} is not a function")
+        raise ConfigError(f"metric {path!r} is not a function")
     return fn
 
 

@@ -11,14 +11,18 @@ forward pass compiles once per length.
 
 from __future__ import annotations
 
-import argparse
 import json
+import os
 import sys
+import tempfile
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from jaxtune import cli
+from jaxtune.errors import DataError, ModelError, OutputError, UsageError
 
 
 def load(args):
@@ -32,9 +36,9 @@ def load(args):
 
         model, tokenizer = load_pretrained(args.model), load_tokenizer(args.model)
     if model.task.name != "sequence_classification":
-        raise ValueError(f"the model is a {model.task.name} model; predict needs a sequence classifier")
+        raise ModelError(f"the model is a {model.task.name} model; predict needs a sequence classifier")
     if tokenizer is None:
-        raise ValueError("the checkpoint has no tokenizer (model/ in the run directory); pass --model HF_DIR")
+        raise ModelError("the checkpoint has no tokenizer (model/ in the run directory); pass --model HF_DIR")
     return model, tokenizer
 
 
@@ -47,7 +51,7 @@ def texts_from(args) -> list[str]:
     out = []
     for record, origin in sources.read(args.input):
         if not isinstance(record.get(args.text_field), str):
-            raise ValueError(f"{origin}: no text in field {args.text_field!r}; set --text-field")
+            raise DataError(f"{origin}: no text in field {args.text_field!r}; set --text-field")
         out.append(record[args.text_field])
     return out
 
@@ -109,27 +113,55 @@ def add_model_arguments(parser) -> None:
     parser.add_argument("--max-length", type=int, default=128)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jaxtune.predict", description=__doc__.split("\n")[0])
-    add_model_arguments(parser)
-    inputs = parser.add_mutually_exclusive_group(required=True)
-    inputs.add_argument("--text", action="append", help="a text to classify (repeatable)")
-    inputs.add_argument("--input", help="a data file (.jsonl, .json, .csv, .tsv, .parquet)")
-    parser.add_argument("--output", help="JSONL file to write (default: standard output)")
-    args = parser.parse_args(argv)
+def check_arguments(args, outputs=()) -> None:
+    """Mistakes in the flags, found before a model is loaded: sizes below 1, and output files (flag,
+    path) that cannot be written, so no prediction is computed only to be lost."""
+    for flag, value in (("--batch-size", args.batch_size), ("--max-length", args.max_length)):
+        if value < 1:
+            raise UsageError(f"{flag} {value}: must be at least 1")
+    for flag, path in outputs:
+        if path:
+            writable(flag, path)
+
+
+def writable(flag: str, path: str) -> None:
+    """Raise an OutputError unless ``path`` can be written (tried with a temporary file beside it)."""
+    if os.path.isdir(path):
+        raise OutputError(f"{flag} {path}: a directory stands there; pass a file path")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise OutputError(f"{flag} {path}: the directory {folder} does not exist; create it first")
     try:
-        model, tokenizer = load(args)
-        rows = predict(model, tokenizer, texts_from(args), args.batch_size, args.max_length)
-    except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".jaxtune-write-test-"):
+            pass
+        if os.path.exists(path) and not os.access(path, os.W_OK):
+            raise PermissionError(13, "Permission denied", path)
+    except OSError as e:
+        raise OutputError(f"{flag} {path}: cannot be written ({e.strerror}); choose another path") from e
+
+
+def run(args) -> None:
+    check_arguments(args, [("--output", args.output)])
+    if args.text is not None and not all(t.strip() for t in args.text):
+        raise UsageError("--text is empty; give the text to classify, or use --input FILE")
+    model, tokenizer = load(args)
+    rows = predict(model, tokenizer, texts_from(args), args.batch_size, args.max_length)
     lines = "".join(json.dumps(r) + "\n" for r in rows)
     if args.output:
         with open(args.output, "w") as f:
             f.write(lines)
     else:
         sys.stdout.write(lines)
-    return 0
+
+
+def main(argv=None) -> int:
+    p = cli.parser("predict", __doc__)
+    add_model_arguments(p)
+    inputs = p.add_mutually_exclusive_group(required=True)
+    inputs.add_argument("--text", action="append", help="a text to classify (repeatable)")
+    inputs.add_argument("--input", help="a data file (.jsonl, .json, .csv, .tsv, .parquet)")
+    p.add_argument("--output", help="JSONL file to write (default: standard output)")
+    return cli.main(p, run, argv)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import numpy as np
 from flax import nnx
 
 from jaxtune import hf, sharding
+from jaxtune.errors import ModelError, ModelNotFound, first_line
 from jaxtune.models import heads
 from jaxtune.models.encoder import Encoder
 from jaxtune.models.registry import class_name, family
@@ -33,7 +34,7 @@ def _hub_snapshot(repo_id: str) -> str:
     except Exception:
         pass
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        raise FileNotFoundError(
+        raise ModelNotFound(
             f"{repo_id!r} is not a local path and the Hugging Face hub is offline (HF_HUB_OFFLINE is set) "
             "with no cached copy; pass a local model directory or .gguf file, or download it while online"
         )
@@ -55,10 +56,10 @@ def resolve(path: str) -> str:
     if os.path.isfile(path):
         if path.endswith(".gguf"):
             return path
-        raise ValueError(f"{path}: not a model; pass a model directory (with config.json) or a .gguf file")
+        raise ModelError(f"{path}: not a model; pass a model directory (with config.json) or a .gguf file")
     if HUB_ID.match(path):
         return _hub_snapshot(path)
-    raise FileNotFoundError(f"{path}: no such model directory or .gguf file (hub ids look like org/name)")
+    raise ModelNotFound(f"{path}: no such model directory or .gguf file (hub ids look like org/name)")
 
 
 def read_config(model_dir: str):
@@ -67,19 +68,28 @@ def read_config(model_dir: str):
 
     config_path = os.path.join(model_dir, "config.json")
     if not os.path.exists(config_path):
-        raise FileNotFoundError(
+        raise ModelNotFound(
             f"{model_dir}: not a Hugging Face model directory (no config.json); "
             "expected config.json + model.safetensors, or pass a .gguf file"
         )
     try:
-        with open(config_path) as f:
+        with open(config_path, encoding="utf-8") as f:
             raw = json.load(f)
+    except UnicodeDecodeError as e:
+        raise ModelError(
+            f"{config_path}: not UTF-8 text (byte offset {e.start}); is it a config.json?"
+        ) from e
     except json.JSONDecodeError as e:
-        raise ValueError(f"{config_path}: not valid JSON ({e})") from e
-    if "model_type" not in raw:
-        raise ValueError(f"{config_path}: has no model_type; is this a transformers config.json?")
+        raise ModelError(f"{config_path}: not valid JSON ({e})") from e
+    if not isinstance(raw, dict) or "model_type" not in raw:
+        raise ModelError(f"{config_path}: has no model_type; is this a transformers config.json?")
     family(raw["model_type"], config_path)
-    return AutoConfig.from_pretrained(model_dir)
+    try:
+        # trust_remote_code=False: jaxtune builds its own model from the config and never runs code
+        # from a model directory.
+        return AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
+    except (ValueError, TypeError, KeyError, OSError) as e:
+        raise ModelError(f"{config_path}: transformers cannot read it ({first_line(e)}); fix the file") from e
 
 
 def _by_path(state) -> dict:
@@ -150,10 +160,10 @@ def resolve_task(
         saved = "base"
     name = task or saved
     if name not in heads.TASKS:
-        raise ValueError(f"unknown task {name!r}; use one of {', '.join(heads.TASKS)}")
+        raise ModelError(f"unknown task {name!r}; use one of {', '.join(heads.TASKS)}")
     if name not in heads.CLASSIFICATION:
         if num_labels is not None or id2label is not None:
-            raise ValueError(f"num_labels / id2label apply to classification tasks, not {name!r}")
+            raise ModelError(f"num_labels / id2label apply to classification tasks, not {name!r}")
         return heads.Task(name)
     has_head = name == saved and not new_head
     if num_labels is None and id2label is None:
@@ -162,7 +172,7 @@ def resolve_task(
         labels = heads.labels_from(num_labels, id2label)
         saved_labels = heads.labels_from(hf_config=hf_config)
         if has_head and len(labels) != len(saved_labels):
-            raise ValueError(
+            raise ModelError(
                 f"{where}: the checkpoint's {name} head has {len(saved_labels)} labels {list(saved_labels)}, "
                 f"but {len(labels)} were asked for; omit num_labels/id2label to use the checkpoint's head, "
                 "or pass new_head=True to replace it with a freshly initialised one"
@@ -210,9 +220,14 @@ def load_pretrained(
         hf_config = read_config(local)
         tensors = hf.read_checkpoint(local)
     fam = family(hf_config.model_type, local)
-    cfg = fam.config_from_hf(hf_config)
-    spec = resolve_task(hf_config, fam, local, task, num_labels, id2label, problem_type, new_head)
-    return _build(fam, cfg, spec, tensors, dtype, seed, new_head, mesh, rules)
+    try:
+        cfg = fam.config_from_hf(hf_config)
+        spec = resolve_task(hf_config, fam, local, task, num_labels, id2label, problem_type, new_head)
+        return _build(fam, cfg, spec, tensors, dtype, seed, new_head, mesh, rules)
+    except ModelError as e:
+        if local in str(e):
+            raise
+        raise ModelError(f"{local}: {e}") from e
 
 
 BYTES = "bytes"
@@ -264,7 +279,16 @@ def load_tokenizer(path):
         return gguf.tokenizer(local)
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(local)
+    try:
+        return AutoTokenizer.from_pretrained(local, trust_remote_code=False)
+    except (ValueError, OSError, TypeError, KeyError, UnicodeDecodeError) as e:
+        if "trust_remote_code" in str(e) or "custom code" in str(e):
+            # transformers' own advice (trust_remote_code=True) would run the directory's code.
+            raise ModelError(
+                f"{local}: its tokenizer is custom code, and jaxtune never runs code from a model directory; "
+                "use a tokenizer with a tokenizer.json (model.tokenizer = PATH)"
+            ) from e
+        raise ModelError(f"{local}: the tokenizer cannot be loaded ({first_line(e)}); check its files") from e
 
 
 def model_state(model) -> dict[str, np.ndarray]:

@@ -4,8 +4,8 @@
 
 Config -> mesh -> model (loaded or created straight into its shards) -> data -> one jitted step in a
 loop, with Orbax checkpoints in ``DIR/checkpoints`` (a rerun on the same DIR resumes), metrics in
-``DIR/metrics.jsonl`` and TensorBoard files in DIR. SIGTERM (how TPU VMs are preempted) finishes the
-current step, saves, and exits 0.
+``DIR/metrics.jsonl`` and TensorBoard files in DIR. SIGTERM (how TPU VMs are preempted) or Ctrl-C
+finishes the current step, saves, and exits 0; a second one exits at once. One run at a time holds DIR.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import json
 import logging
 import math
 import os
-import signal
 import sys
 import time
 
@@ -24,18 +23,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxtune import checkpoint, data, metrics, mfu, optim, plots, pretrained, sharding, steps
-from jaxtune.config import ConfigError, check_command_line, validate
+from jaxtune import checkpoint, cli, data, metrics, mfu, optim, plots, pretrained, sharding, steps
+from jaxtune.config import validate
 from jaxtune.data.classify import label_map
 from jaxtune.data.loader import Batches, eval_batches
+from jaxtune.errors import ConfigError, TrainingError
 from jaxtune.models import presets
+from jaxtune.stopping import StopSignals
+from jaxtune.workdir import Lock
 from jaxtune.writers import MetricsWriter
 
 log = logging.getLogger("jaxtune.train")
-
-
-class TrainingError(RuntimeError):
-    """The run cannot go on (a NaN loss, say); the message names the step and the last good checkpoint."""
 
 
 def load_model(config, mesh, rules, labels=None):
@@ -83,29 +81,6 @@ def _abstract(tree):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
-class _Preemption:
-    """Turns SIGTERM into a flag the loop checks after each step."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-
-    def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread: no signal handling (tests in threads)
-            self._previous = None
-        return self
-
-    def _handle(self, signum, frame):
-        log.warning("SIGTERM: finishing the current step, saving a checkpoint, then exiting")
-        self.requested = True
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-
-
 def run(config, workdir: str, stop_after: int | None = None, devices=None, labels=None) -> dict:
     """Train as ``config`` says, in ``workdir``; returns the last train and eval losses and the step.
 
@@ -116,9 +91,12 @@ def run(config, workdir: str, stop_after: int | None = None, devices=None, label
     """
     devices = jax.devices() if devices is None else list(devices)
     validate(config, len(devices))
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    # One run per workdir: a second one would interleave metrics and race the checkpoint saves.
+    with Lock(workdir, enabled=jax.process_index() == 0):
+        return _run(config, workdir, stop_after, devices, labels)
+
+
+def _run(config, workdir: str, stop_after, devices, labels) -> dict:
     mesh = sharding.make_mesh(config, devices)
     rules = tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in config.mesh.rules)
     tokenizer = load_tokenizer(config)
@@ -133,7 +111,6 @@ def run(config, workdir: str, stop_after: int | None = None, devices=None, label
         )
     model = load_model(config, mesh, rules, labels)
     objective = steps.Objective(model.task, config.model.loss_chunk_tokens)
-    pretrained.write_config(model, os.path.join(workdir, "model"), config.model.param_dtype, tokenizer)
     cfg, c = model.cfg, config.train
     if model.cfg.vocab_size < len(tokenizer):
         raise ConfigError(
@@ -142,6 +119,12 @@ def run(config, workdir: str, stop_after: int | None = None, devices=None, label
         )
 
     train_rows, eval_rows = data.load(config.data, tokenizer, c.seed, labels)
+    if jax.process_index() == 0:
+        # Written once the model and the data are known to load, so a rerun that fails on either
+        # leaves the files of the run before it as they were.
+        pretrained.write_config(model, os.path.join(workdir, "model"), config.model.param_dtype, tokenizer)
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
     pid, nproc = jax.process_index(), jax.process_count()
     multiple = config.data.pad_to_multiple_of
     batches = Batches(
@@ -198,23 +181,23 @@ def run(config, workdir: str, stop_after: int | None = None, devices=None, label
 
     cc = config.checkpoint
     ckpt = checkpoint.Checkpoints(workdir, cc.keep, cc.async_save, cc.best_metric, cc.best_mode, cc.best_keep)
-    writer = MetricsWriter(workdir)
+    writer = None
     bar = None
     try:
-        # Early stopping and best-k follow one eval metric; its record survives a resume through meta.
-        # value/step/bad: early stopping (a gain must exceed eval.min_delta);
-        # top_value/top_step: the best so far.
-        best = {"value": None, "step": None, "bad": 0, "top_value": None, "top_step": None}
-        start = ckpt.latest() or 0
+        # Early stopping follows one eval metric; its record survives a resume through meta.
+        # value/step/bad: a gain must exceed eval.min_delta. The best-k ranking is the checkpoints'.
+        best = {"value": None, "step": None, "bad": 0}
+        abstract = {
+            "params": _abstract(params),
+            "frozen": _abstract(frozen),
+            "opt_state": _abstract(train_state["opt_state"]),
+        }
+        start, restored = ckpt.restore_latest(abstract)
+        start = start or 0
+        ckpt.rewind_best(start)
+        # Rows of steps after the checkpoint are dropped: the resumed run writes them again.
+        writer = MetricsWriter(workdir, keep_until=start)
         if start:
-            restored = ckpt.restore(
-                start,
-                {
-                    "params": _abstract(params),
-                    "frozen": _abstract(frozen),
-                    "opt_state": _abstract(train_state["opt_state"]),
-                },
-            )
             train_state = {
                 "params": restored["params"],
                 "opt_state": restored["opt_state"],
@@ -222,7 +205,7 @@ def run(config, workdir: str, stop_after: int | None = None, devices=None, label
             }
             frozen = restored["frozen"]
             batches.restore(restored["meta"]["data"])
-            best.update(restored["meta"].get("best", {}))
+            best.update({k: v for k, v in restored["meta"].get("best", {}).items() if k in best})
             log.info("resumed from %s at step %d", ckpt.dir, start)
 
         eval_bs = config.eval.batch_size or c.batch_size
@@ -302,13 +285,8 @@ def run(config, workdir: str, stop_after: int | None = None, devices=None, label
             else:
                 best["bad"] += 1
             if step:  # step 0 is the model before training: nothing to keep
-                top = best["top_value"] is None or sign * (value - best["top_value"]) > 0
-                if top:
-                    best.update(top_value=value, top_step=step)
-                # Every eval is offered; Orbax keeps the best_keep best by the metric.
-                ckpt.save_best(step, train_state, frozen, meta(step), {cc.best_metric: value})
-                if top and jax.process_index() == 0:
-                    ckpt.record_best(step, cc.best_metric, value)
+                # Every eval is offered; the ranking keeps the best_keep best and names the best.
+                ckpt.offer_best(step, train_state, frozen, meta(step), value)
             stop = bool(config.eval.patience) and best["bad"] >= config.eval.patience
             if stop:
                 log.info(
@@ -403,7 +381,7 @@ def run(config, workdir: str, stop_after: int | None = None, devices=None, label
             clock[0] = time.perf_counter()
             pending, step = None, start
             finished = start == total
-            with _Preemption() as preempt:
+            with StopSignals(c.stop_timeout_s, ckpt.dir) as preempt:
                 while step < total:
                     running = pending[1] if pending is not None else None
                     train_state, step_metrics = compiled_for(batch, running)(train_state, frozen, batch)
@@ -431,6 +409,9 @@ def run(config, workdir: str, stop_after: int | None = None, devices=None, label
                         finished = True
                         break
                     if stop:
+                        if preempt.requested:
+                            summary["stopped"] = preempt.requested  # a caller (crossval) stops too
+                        ckpt.wait()  # inside the signal watch: a save that hangs can still be ended
                         log.info(
                             "stopped at step %d with a checkpoint; rerun on %s to continue", step, workdir
                         )
@@ -444,10 +425,11 @@ def run(config, workdir: str, stop_after: int | None = None, devices=None, label
             # The run ends on the best checkpoint when asked to, and so does the export unless it is told
             # to take the last one.
             end_on_best = cc.load_best_at_end or (config.export.at_end and config.export.checkpoint == "best")
-            if finished and end_on_best and best["top_step"] and best["top_step"] != step:
+            top = ckpt.best_step()
+            if finished and end_on_best and top and top[0] != step:
                 ckpt.wait()
                 abstract = {"params": _abstract(train_state["params"]), "frozen": _abstract(frozen)}
-                best_step = best["top_step"]
+                best_step = top[0]
                 items = ckpt.restore_best(best_step, abstract)
                 train_state = dict(train_state, params=items["params"])
                 frozen = items["frozen"]
@@ -455,7 +437,7 @@ def run(config, workdir: str, stop_after: int | None = None, devices=None, label
                     "loaded the best checkpoint (step %d, %s %.4f) for the end of the run",
                     best_step,
                     cc.best_metric,
-                    best["top_value"],
+                    top[1],
                 )
                 summary["best_step"] = best_step
     except BaseException:
@@ -464,7 +446,8 @@ def run(config, workdir: str, stop_after: int | None = None, devices=None, label
         if bar is not None:
             bar.close()
         ckpt.abandon()
-        writer.close()
+        if writer is not None:
+            writer.close()
         raise
     ckpt.wait()
     ckpt.close()
@@ -495,76 +478,10 @@ def _finish(config, workdir, graphdef, params, frozen, tokenizer) -> None:
         log.info("exported Hugging Face weights to %s", out)
 
 
-def command_line(argv, prog: str, define=None):
-    """Parsed flags of ``prog --config configs/X.py[:arg] [--config.KEY=VALUE ...] --workdir DIR`` (plus
-    what ``define(flag_values)`` adds); a ConfigError naming the mistake otherwise."""
-    from absl import flags
-    from ml_collections import config_flags
-
-    flags_ = flags.FlagValues()
-    config_flags.DEFINE_config_file(
-        "config", None, "configs/X.py[:arg]", flag_values=flags_, lock_config=True
-    )
-    flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics, export)", flag_values=flags_)
-    if define is not None:
-        define(flags_)
-    argv = [prog, *argv]
-    saved, sys.argv = sys.argv, argv  # config_flags finds the --config.KEY overrides in sys.argv
-    try:
-        check_command_line(argv[1:])
-        flags_(argv)
-    except flags.Error as e:
-        raise ConfigError(str(e)) from e
-    finally:
-        sys.argv = saved
-    if flags_.config is None or not flags_.workdir:
-        raise ConfigError("pass --config configs/X.py and --workdir DIR")
-    return flags_
-
-
-class _Stderr(logging.StreamHandler):
-    """A handler that writes to whatever ``sys.stderr`` is when a record comes, not the stream of the
-    moment it was made (a caller, or a test, may swap and close that one)."""
-
-    @property
-    def stream(self):
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value):
-        pass
-
-
-def log_to_console() -> None:
-    # force: an imported library may already have configured the root logger at WARNING.
-    logging.basicConfig(
-        format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", handlers=[_Stderr()], force=True
-    )
-    logging.getLogger("jaxtune").setLevel(logging.INFO)
-
-
-def cli(argv, prog: str, body, define=None) -> int:
-    """A command around a run: parse the flags, log to the console, call ``body(flags)``; a config or
-    data mistake is one line on stderr and exit status 2, a failed run (TrainingError) status 1."""
-    try:
-        flags_ = command_line(sys.argv[1:] if argv is None else argv, prog, define)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    log_to_console()
-    try:
-        body(flags_)
-    except (ConfigError, FileNotFoundError, data.DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (TrainingError, checkpoint.CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
-
-
 def main(argv=None) -> int:
-    return cli(argv, "jaxtune.train", lambda flags_: run(flags_.config, flags_.workdir))
+    p = cli.parser("train", __doc__)
+    cli.add_run_arguments(p)
+    return cli.main(p, lambda args: run(args.config, args.workdir), argv, with_config=True)
 
 
 if __name__ == "__main__":

@@ -11,11 +11,17 @@ import jax
 
 
 class MetricsWriter:
-    def __init__(self, workdir: str):
+    """Appends to ``workdir/metrics.jsonl``. ``keep_until``: the step a run starts from; rows of later
+    steps, written by a run that went further before it stopped, are dropped first, so a resumed run
+    leaves one row per step and split (0: a fresh start, no rows kept)."""
+
+    def __init__(self, workdir: str, keep_until: int = 0):
         self.enabled = jax.process_index() == 0
         if not self.enabled:
             return
-        self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115 (closed in close())
+        path = os.path.join(workdir, "metrics.jsonl")
+        _truncate(path, keep_until)
+        self.jsonl = open(path, "a")  # noqa: SIM115 (closed in close())
         from tensorboardX import SummaryWriter
 
         self.tb = SummaryWriter(logdir=workdir, flush_secs=10)
@@ -36,3 +42,25 @@ class MetricsWriter:
         if self.enabled:
             self.jsonl.close()
             self.tb.close()
+
+
+def _truncate(path: str, keep_until: int) -> None:
+    """Keep the rows of steps up to ``keep_until`` (none at 0), rewriting the file through a rename."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    kept = []
+    for line in lines:
+        try:
+            step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by a kill
+        if keep_until and step <= keep_until:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    if len(kept) == len(lines):
+        return
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)

@@ -21,3 +21,13 @@ def shared_data():
     if not path.is_dir():
         pytest.skip(f"{path} is absent (shared test data lives beside the repository)")
     return path
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    """A small plain-text corpus (runs.TEXT) for the tiny training runs."""
+    from runs import TEXT
+
+    path = tmp_path_factory.mktemp("data") / "corpus.txt"
+    path.write_text(TEXT)
+    return str(path)

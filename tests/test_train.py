@@ -15,51 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from runs import losses, metrics, tiny_config
 
 import jaxtune
 from jaxtune import checkpoint, optim, steps, train
 from jaxtune.config import ConfigError, defaults, validate
-
-TEXT = "".join(
-    f"Line {i}: the quick brown fox jumps over the lazy dog {i * 7 % 13} times.\n" for i in range(300)
-)
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "corpus.txt"
-    path.write_text(TEXT)
-    return str(path)
-
-
-def tiny_config(text_file, **changes):
-    c = defaults()
-    c.model.path = "llama-tiny"
-    c.model.tokenizer = "bytes"
-    c.data.train = text_file
-    c.data.eval_fraction = 0.1
-    c.data.seq_len = 32
-    c.train.batch_size = 8
-    c.train.max_steps = 5
-    c.optimizer.lr = 3e-3
-    c.optimizer.warmup_steps = 2
-    c.checkpoint.async_save = False
-    for key, value in changes.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return c
-
-
-def metrics(workdir, split="train"):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [row for row in map(json.loads, f) if row["split"] == split]
-
-
-def losses(workdir):
-    return {row["step"]: row["loss"] for row in metrics(workdir)}
 
 
 def test_sharded_and_single_device_runs_give_the_same_losses(text_file, tmp_path):
@@ -421,8 +381,6 @@ def test_sigterm_saves_and_exits_zero_then_the_run_resumes(text_file, tmp_path):
     assert checkpoint.Checkpoints(str(workdir)).latest() == done
     # The continuation: same config, same workdir; it picks up at the saved step.
     import importlib.util
-
-    from ml_collections import config_flags  # noqa: F401  (the CLI's config loader)
 
     spec = importlib.util.spec_from_file_location("smoke", cmd[4])
     smoke = importlib.util.module_from_spec(spec)

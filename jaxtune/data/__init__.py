@@ -26,6 +26,7 @@ import numpy as np
 
 from jaxtune.data.packing import pack, pad_rows
 from jaxtune.data.sources import DataError, expand, read
+from jaxtune.data.textids import text_ids
 
 log = logging.getLogger(__name__)
 __all__ = ["DataError", "load", "records", "to_batch", "take", "train_groups"]
@@ -79,14 +80,20 @@ def _field(record: dict, name: str, origin: str):
 
 def text_rows(recs, tokenizer, seq_len: int, field: str = "text") -> dict[str, np.ndarray]:
     """Each record a document, EOS after each; the stream is cut into rows overlapping by one token so
-    every token after the first is a target exactly once. The last row is padded, not dropped."""
+    every token after the first is a target exactly once. The last row is padded, not dropped.
+    Tokenized in bounded pieces (:mod:`.textids`), so memory stays a small multiple of the text."""
     eos = tokenizer.eos_token_id
-    texts = [_field(record, field, origin) for record, origin in recs]
-    stream = []
-    for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
-        stream += ids + ([eos] if eos is not None else [])
-    pieces = [stream[s : s + seq_len + 1] for s in range(0, max(len(stream) - 1, 1), seq_len)]
-    return pad_rows([(ids, np.ones(len(ids), np.int8)) for ids in pieces], seq_len)
+    texts = (_field(record, field, origin) for record, origin in recs)
+    end = np.asarray([eos] if eos is not None else [], np.int32)
+    stream = np.concatenate([part for ids in text_ids(tokenizer, texts) for part in (ids, end)] or [end[:0]])
+    width, starts = seq_len + 1, range(0, max(len(stream) - 1, 1), seq_len)
+    tokens = np.zeros((len(starts), width), np.int32)
+    mask = np.zeros((len(starts), width), np.int8)
+    for r, s in enumerate(starts):
+        piece = stream[s : s + width]
+        tokens[r, : len(piece)] = piece
+        mask[r, : len(piece)] = 1
+    return {"tokens": tokens, "mask": mask, "loss": mask.copy()}
 
 
 def render(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:

@@ -16,11 +16,10 @@ import json
 import logging
 import os
 
+from jaxtune.errors import DataError, DataNotFound
+
 log = logging.getLogger(__name__)
-
-
-class DataError(ValueError):
-    """Bad data: the message names the file and line (or record) and the way out."""
+__all__ = ["DataError", "expand", "read"]
 
 
 def expand(spec: str, key: str) -> list[str]:
@@ -33,7 +32,8 @@ def expand(spec: str, key: str) -> list[str]:
             continue
         found = sorted(f for f in glob.glob(os.path.expanduser(part)) if os.path.isfile(f))
         if not found:
-            raise FileNotFoundError(f"config key {key}: {part!r} matches no file; check the path")
+            where = key if key.startswith("--") else f"config key {key}"
+            raise DataNotFound(f"{where}: {part!r} matches no file; check the path")
         out += found
     return out
 
@@ -68,32 +68,61 @@ def read(source: str, split: str = "train", data_dir: str = "") -> list[tuple[di
     return records
 
 
+def _not_utf8(path: str, line: int, byte: int, offset: int) -> DataError:
+    return DataError(
+        f"{path}:{line}: not UTF-8 text (byte 0x{byte:02x} at offset {offset}); "
+        "save the file as UTF-8, or remove it from the data if it is not text"
+    )
+
+
+def text_of(path: str) -> str:
+    """The whole file as text, line endings made ``\\n`` (as ``open`` in text mode does); bytes that are
+    not UTF-8 are a DataError naming the line and byte offset."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _not_utf8(path, raw.count(b"\n", 0, e.start) + 1, raw[e.start], e.start) from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def lines_of(path: str, keep_ends: bool = False):
+    """(line number, text) of each line, decoded one at a time so a large file is never held whole;
+    ``keep_ends``: line endings as they are (csv reads them itself), else without ``\\r\\n`` / ``\\n``."""
+    offset = 0
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise _not_utf8(path, n, raw[e.start], offset + e.start) from None
+            offset += len(raw)
+            yield n, line if keep_ends else line.rstrip("\r\n")
+
+
 def _jsonl(path):
     out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(
-                    f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno}); fix or remove the line"
-                ) from e
-            if not isinstance(record, dict):
-                raise DataError(
-                    f"{path}:{n}: a JSON {type(record).__name__}, not an object with named fields"
-                )
-            out.append((record, f"{path}:{n}"))
+    for n, line in lines_of(path):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(
+                f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno}); fix or remove the line"
+            ) from e
+        if not isinstance(record, dict):
+            raise DataError(f"{path}:{n}: a JSON {type(record).__name__}, not an object with named fields")
+        out.append((record, f"{path}:{n}"))
     return out
 
 
 def _json(path):
-    with open(path, encoding="utf-8") as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from e
+    try:
+        data = json.loads(text_of(path))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from e
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a JSON array of objects, got a {type(data).__name__}")
     for i, record in enumerate(data):
@@ -103,37 +132,63 @@ def _json(path):
 
 
 def _csv(path):
-    with open(path, encoding="utf-8", newline="") as f:
-        return [(dict(row), f"{path}:{n}") for n, row in enumerate(csv.DictReader(f), 2)]
+    """Rows as records of the header's fields, each named by its first line. A row with more or fewer
+    fields than the header is an error: csv would file the extra fields under the key None (or fill the
+    missing ones with None), and a field shifted that way becomes, say, a new label."""
+    reader = csv.DictReader(line for _, line in lines_of(path, keep_ends=True))
+    out = []
+    try:
+        if reader.fieldnames is None:  # reads the header; none: no records
+            return out
+        while True:
+            n = reader.line_num + 1  # a quoted field may span lines: the record starts on the next one
+            row = next(reader, None)
+            if row is None:
+                return out
+            width = len(reader.fieldnames)
+            if None in row:
+                raise DataError(
+                    f"{path}:{n}: {width + len(row[None])} comma-separated fields where the header has "
+                    f'{width}; quote fields that contain commas ("a, b") or fix the row'
+                )
+            if any(v is None for v in row.values()):
+                got = sum(v is not None for v in row.values())
+                raise DataError(f"{path}:{n}: {got} fields where the header has {width}; fix the row")
+            out.append((row, f"{path}:{n}"))
+    except csv.Error as e:
+        raise DataError(f"{path}:{reader.line_num}: not valid CSV ({e}); fix the row") from e
 
 
 def _tsv(path):
     """Split on the last tabs so that a tab inside the first column's text survives (GLUE files)."""
-    with open(path, encoding="utf-8") as f:
-        header = f.readline().rstrip("\n").split("\t")
-        out = []
-        for n, line in enumerate(f, 2):
-            line = line.rstrip("\n")
-            if not line:
-                continue
-            values = line.rsplit("\t", len(header) - 1)
-            if len(values) != len(header):
-                raise DataError(
-                    f"{path}:{n}: {len(values)} tab-separated fields where the header has {len(header)}"
-                )
-            out.append((dict(zip(header, values, strict=True)), f"{path}:{n}"))
+    lines = lines_of(path)
+    header = next(lines, (1, ""))[1].split("\t")
+    out = []
+    for n, line in lines:
+        if not line:
+            continue
+        values = line.rsplit("\t", len(header) - 1)
+        if len(values) != len(header):
+            raise DataError(
+                f"{path}:{n}: {len(values)} tab-separated fields where the header has {len(header)}"
+            )
+        out.append((dict(zip(header, values, strict=True)), f"{path}:{n}"))
     return out
 
 
 def _parquet(path):
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    return [(row, f"{path}[{i}]") for i, row in enumerate(pq.read_table(path).to_pylist())]
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{path}: not a readable Parquet file ({e}); write it again or remove it") from e
+    return [(row, f"{path}[{i}]") for i, row in enumerate(table.to_pylist())]
 
 
 def _txt(path):
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    text = text_of(path)
     if not text.strip():
         raise DataError(f"{path}: the file holds only whitespace")
     return [({"text": text}, path)]
@@ -145,8 +200,12 @@ def _yaml(path):
     classification)."""
     import yaml
 
-    with open(path, encoding="utf-8") as f:
-        doc = yaml.safe_load(f)
+    try:
+        doc = yaml.safe_load(text_of(path))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else path
+        raise DataError(f"{where}: not valid YAML ({getattr(e, 'problem', None) or e}); fix the file") from e
     if not isinstance(doc, dict) or not isinstance(doc.get("conversations"), list):
         raise DataError(f"{path}: not a chatterbot dialog file (no 'conversations' list)")
     out, skipped = [], []

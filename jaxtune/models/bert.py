@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 
+from jaxtune.errors import ModelError
 from jaxtune.models import heads
 from jaxtune.models.encoder import Encoder, EncoderConfig
 from jaxtune.models.weights import IDENT, LINEAR_IN2, dense, layer_norm
@@ -36,12 +37,12 @@ KEY_RENAMES = ((r"LayerNorm\.gamma$", "LayerNorm.weight"), (r"LayerNorm\.beta$",
 def config_from_hf(hf) -> EncoderConfig:
     position_type = getattr(hf, "position_embedding_type", None) or "absolute"
     if position_type != "absolute":
-        raise ValueError(
+        raise ModelError(
             f"config.json sets position_embedding_type={position_type!r}; jaxtune (like transformers 5) "
             "supports only 'absolute'"
         )
     if getattr(hf, "is_decoder", False) or getattr(hf, "add_cross_attention", False):
-        raise ValueError("config.json sets is_decoder/add_cross_attention; jaxtune's BERT is an encoder only")
+        raise ModelError("config.json sets is_decoder/add_cross_attention; jaxtune's BERT is an encoder only")
     return EncoderConfig(
         model_type=hf.model_type,
         vocab_size=hf.vocab_size,

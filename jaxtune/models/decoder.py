@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxtune.errors import ModelError
 from jaxtune.models import heads, layers
 from jaxtune.sharding import constrain
 
@@ -56,7 +57,7 @@ class DecoderConfig(layers.ArchConfig):
             object.__setattr__(self, "windows", (0,) * self.num_layers)
         assert len(self.windows) == self.num_layers
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(
+            raise ModelError(
                 f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}"
             )
 
@@ -181,9 +182,9 @@ class Decoder(nnx.Module):
 
     def logits(self, x_btd):
         """Vocabulary logits for hidden states (tied or separate head, Gemma 2 soft-capping)."""
-        # Accumulated and returned in float32 whatever the compute dtype: the softmax over a large
-        # vocabulary needs it.
-        f32 = jnp.float32
+        # Accumulated and returned in float32 at least (float64 stays float64): the softmax over a
+        # large vocabulary needs it.
+        f32 = jnp.promote_types(jnp.float32, x_btd.dtype)
         if self.cfg.tie_embeddings:
             w_vd = self.embed[...].astype(x_btd.dtype)
             logits = jnp.einsum("btd,vd->btv", x_btd, w_vd, preferred_element_type=f32)
@@ -204,7 +205,7 @@ class Decoder(nnx.Module):
         dropout: layers.Dropout | None = None,
     ):
         if token_type_ids is not None:
-            raise ValueError(f"{self.cfg.model_type} has no token types; pass token_type_ids=None")
+            raise ModelError(f"{self.cfg.model_type} has no token types; pass token_type_ids=None")
         # transformers' decoder classifiers (Llama, GPT-2, ...) have no dropout before their score layer.
         x_btd = self.hidden_states(input_ids, attention_mask, position_ids, segment_ids, dropout)
         task = self.task.name

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxtune.errors import ModelError
 from jaxtune.models import heads, layers
 from jaxtune.models.decoder import ACTIVATION, default_positions
 from jaxtune.sharding import constrain
@@ -46,7 +47,7 @@ class EncoderConfig(layers.ArchConfig):
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
-            raise ValueError(
+            raise ModelError(
                 f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}"
             )
 
@@ -89,7 +90,7 @@ class Encoder(nnx.Module):
 
     def __init__(self, cfg: EncoderConfig, task: heads.Task, *, rngs: nnx.Rngs, dtype=jnp.float32):
         if task.name == "causal_lm":
-            raise ValueError(
+            raise ModelError(
                 f"{cfg.model_type} is an encoder and has no causal_lm head in jaxtune; use "
                 "task='sequence_classification', 'token_classification' or 'base'"
             )
@@ -150,7 +151,7 @@ class Encoder(nnx.Module):
             types = jnp.zeros_like(input_ids) if token_type_ids is None else jnp.asarray(token_type_ids)
             x_btd = x_btd + self.type_embed[...][types]
         elif token_type_ids is not None:
-            raise ValueError(f"{cfg.model_type} has no token types; pass token_type_ids=None")
+            raise ModelError(f"{cfg.model_type} has no token types; pass token_type_ids=None")
         x_btd = layers.drop(dropout, self.embed_norm(x_btd), layers.Dropout.EMBED)
         x_btd = constrain(x_btd, ACTIVATION)
         mask_bts = layers.attention_mask_bts(attention_mask, segment_ids, t, causal=False)

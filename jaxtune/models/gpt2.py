@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from jaxtune.errors import ModelError
 from jaxtune.models import heads
 from jaxtune.models.decoder import Decoder, DecoderConfig
 from jaxtune.models.llama import head_entries, pad_token_id
@@ -24,7 +25,7 @@ HEAD_KEYS = (r"lm_head\..*", r"score\..*", r"classifier\..*", r"qa_outputs\..*",
 def config_from_hf(hf) -> DecoderConfig:
     for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
         if getattr(hf, flag, False):
-            raise ValueError(f"config.json sets {flag}=true, which jaxtune's GPT-2 does not support")
+            raise ModelError(f"config.json sets {flag}=true, which jaxtune's GPT-2 does not support")
     d, heads = hf.n_embd, hf.n_head
     return DecoderConfig(
         model_type="gpt2",

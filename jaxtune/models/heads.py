@@ -13,6 +13,7 @@ import dataclasses
 
 import jax.numpy as jnp
 
+from jaxtune.errors import ModelError
 from jaxtune.models import layers
 
 TASKS = ("causal_lm", "sequence_classification", "token_classification", "base")
@@ -39,12 +40,12 @@ class Task:
 
     def __post_init__(self):
         if self.name not in TASKS:
-            raise ValueError(f"unknown task {self.name!r}; use one of {', '.join(TASKS)}")
+            raise ModelError(f"unknown task {self.name!r}; use one of {', '.join(TASKS)}")
         if self.name in CLASSIFICATION:
             if not self.labels:
-                raise ValueError(f"task {self.name} needs at least one label (num_labels >= 1)")
+                raise ModelError(f"task {self.name} needs at least one label (num_labels >= 1)")
             if self.problem_type not in PROBLEM_TYPES:
-                raise ValueError(
+                raise ModelError(
                     f"problem_type {self.problem_type!r} is not one of {', '.join(PROBLEM_TYPES)}"
                 )
 
@@ -74,23 +75,23 @@ def labels_from(num_labels=None, id2label=None, hf_config=None) -> tuple:
         if isinstance(id2label, dict):
             ids = sorted(int(i) for i in id2label)
             if ids != list(range(len(ids))):
-                raise ValueError(f"id2label keys must be 0..{len(ids) - 1}, got {ids}")
+                raise ModelError(f"id2label keys must be 0..{len(ids) - 1}, got {ids}")
             names = tuple(str(id2label[i] if i in id2label else id2label[str(i)]) for i in ids)
         else:
             names = tuple(str(x) for x in id2label)
         if num_labels is not None and num_labels != len(names):
-            raise ValueError(f"num_labels={num_labels} disagrees with id2label ({len(names)} labels)")
+            raise ModelError(f"num_labels={num_labels} disagrees with id2label ({len(names)} labels)")
         if len(set(names)) != len(names):
-            raise ValueError(f"id2label has repeated label names: {list(names)}")
+            raise ModelError(f"id2label has repeated label names: {list(names)}")
         return names
     if num_labels is not None:
         if int(num_labels) < 1:
-            raise ValueError(f"num_labels must be at least 1, got {num_labels}")
+            raise ModelError(f"num_labels must be at least 1, got {num_labels}")
         return tuple(f"LABEL_{i}" for i in range(int(num_labels)))
     if hf_config is not None:
         id2label = hf_config.id2label
         return tuple(str(id2label[i]) for i in sorted(id2label))
-    raise ValueError("a classification task needs num_labels or id2label")
+    raise ModelError("a classification task needs num_labels or id2label")
 
 
 def default_problem_type(labels: tuple) -> str:

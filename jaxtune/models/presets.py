@@ -6,6 +6,8 @@ a checkpoint and exports the same way. Sizes of the public models are those of t
 
 from __future__ import annotations
 
+from jaxtune.errors import ConfigError
+
 PRESETS = {
     # A few hundred thousand parameters: the smoke run and the tests. Vocab 320 covers the byte
     # tokenizer (257 ids) and divides by common mesh sizes.
@@ -84,6 +86,6 @@ def hf_config(name: str):
     from transformers import AutoConfig
 
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
+        raise ConfigError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
     raw = dict(PRESETS[name])
     return AutoConfig.for_model(raw.pop("model_type"), **raw)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from jaxtune.errors import ModelError
 from jaxtune.models import bert, distilbert, gemma, gpt2, heads, llama
 
 FAMILIES = {t: fam for fam in (llama, gemma, gpt2, bert, distilbert) for t in fam.MODEL_TYPES}
@@ -10,7 +11,7 @@ FAMILIES = {t: fam for fam in (llama, gemma, gpt2, bert, distilbert) for t in fa
 def family(model_type: str, where: str):
     """The family module for a model_type, or an error naming where it came from."""
     if model_type not in FAMILIES:
-        raise ValueError(
+        raise ModelError(
             f"{where}: model_type {model_type!r} is not supported by jaxtune; "
             f"supported: {', '.join(sorted(FAMILIES))}"
         )
