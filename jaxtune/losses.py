@@ -10,6 +10,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxtune.models.layers import DEFAULT_OPTIONS
+
+MODEL_INPUTS = ("attention_mask", "position_ids", "segment_ids")  # the batch fields a decoder reads
 IGNORE_INDEX = -100  # label of positions without a loss (padding, sub-word continuations), as in transformers
 
 
@@ -48,3 +51,35 @@ def classification_loss(logits, labels, problem_type: str, weights=None):
         return jnp.sum(per), per.size
     w = jnp.asarray(weights, jnp.float32).reshape(per.shape[:1] + (1,) * (per.ndim - 1))
     return jnp.sum(per * w), jnp.sum(w) * (per.size // per.shape[0])
+
+
+def causal_lm_loss(model, batch, chunk_tokens: int, dropout=None, options=DEFAULT_OPTIONS):
+    """Summed next-token cross-entropy and the number of counted tokens.
+
+    The output layer and the loss run over chunks of ``chunk_tokens`` tokens under ``jax.checkpoint``, so
+    at most one chunk of float32 logits ``[chunk, vocab]`` exists at a time, forward or backward.
+    """
+    inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+    x_btd = model.hidden_states(batch["input_ids"], **inputs, dropout=dropout, options=options)
+    b, t, d = x_btd.shape
+    n = b * t
+    chunk = min(chunk_tokens, n)
+    pad = -n % chunk
+    x_nd = jnp.pad(x_btd.reshape(n, d), ((0, pad), (0, 0))).reshape(-1, chunk, d)
+    targets = jnp.pad(batch["targets"].reshape(n), (0, pad)).reshape(-1, chunk)
+    weights = jnp.pad(batch["loss_mask"].reshape(n).astype(jnp.float32), (0, pad)).reshape(-1, chunk)
+
+    def chunk_loss(x_cd, target_c, weight_c):
+        logits = model.logits(x_cd[None])[0].astype(jnp.float32)
+        picked = jnp.take_along_axis(logits, target_c[:, None], axis=-1)[:, 0]
+        return jnp.sum((jax.nn.logsumexp(logits, axis=-1) - picked) * weight_c)
+
+    if x_nd.shape[0] == 1:  # one chunk: nothing to save by recomputing its logits on the way back
+        return chunk_loss(x_nd[0], targets[0], weights[0]), jnp.sum(weights)
+    saved = jax.checkpoint(chunk_loss)
+
+    def body(total, xs):
+        return total + saved(*xs), None
+
+    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (x_nd, targets, weights))
+    return total, jnp.sum(weights)

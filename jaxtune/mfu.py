@@ -8,7 +8,12 @@ output layer is, tied or not.
 
 from __future__ import annotations
 
+import functools
+import math
+import time
+
 import jax
+import jax.numpy as jnp
 
 # Dense bfloat16 peak per chip, by device_kind substring (first match wins).
 PEAK_FLOPS = (
@@ -21,11 +26,25 @@ PEAK_FLOPS = (
     ("h100", 989e12),
     ("a100", 312e12),
 )
-# This project's 2-core CPU machines: a large float32 matmul measured at 150-175 GFLOP/s in all.
-CPU_FLOPS = 160e9
+
+
+@functools.cache
+def measured_cpu_flops(n: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of the best of ``repeats`` float32 ``n x n`` matrix products on this machine's CPU, measured
+    once per process: CPUs differ too much (2x between two machines of this project) for a constant."""
+    a = jax.device_put(jnp.ones((n, n), jnp.float32), jax.devices("cpu")[0])
+    matmul = jax.jit(lambda x: x @ x)
+    matmul(a).block_until_ready()
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * n**3 / best
 
 
 def peak_flops_per_device(override_tflops: float = 0.0) -> float:
+    """The device's dense peak: the datasheet's on TPU and GPU, a measured one on CPU."""
     if override_tflops:
         return override_tflops * 1e12
     device = jax.devices()[0]
@@ -34,7 +53,7 @@ def peak_flops_per_device(override_tflops: float = 0.0) -> float:
         if key in kind:
             return flops
     if device.platform == "cpu":
-        return CPU_FLOPS / jax.local_device_count()  # forced host devices share the same cores
+        return measured_cpu_flops() / jax.local_device_count()  # forced host devices share the cores
     return 0.0
 
 

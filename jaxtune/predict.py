@@ -17,28 +17,24 @@ import sys
 import tempfile
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from jaxtune import cli
 from jaxtune.errors import DataError, ModelError, OutputError, UsageError
+from jaxtune.models import heads
 
 
 def load(args):
     """(model, tokenizer) from a training checkpoint or a Hugging Face directory."""
-    if args.checkpoint:
-        from jaxtune.checkpoint import restore_model
+    from jaxtune.checkpoint import load_model
 
-        model, tokenizer = restore_model(args.checkpoint)
-    else:
-        from jaxtune.pretrained import load_pretrained, load_tokenizer
-
-        model, tokenizer = load_pretrained(args.model), load_tokenizer(args.model)
+    model, tokenizer = load_model(args.checkpoint, args.model)
     if model.task.name != "sequence_classification":
         raise ModelError(f"the model is a {model.task.name} model; predict needs a sequence classifier")
     if tokenizer is None:
-        raise ModelError("the checkpoint has no tokenizer (model/ in the run directory); pass --model HF_DIR")
+        where = args.checkpoint or args.model
+        raise ModelError(f"{where}: no tokenizer to read the texts with; pass a model directory that has one")
     return model, tokenizer
 
 
@@ -56,8 +52,9 @@ def texts_from(args) -> list[str]:
     return out
 
 
-def predict(model, tokenizer, texts: list[str], batch_size: int = 32, max_length: int = 128) -> list[dict]:
-    """Label names and probabilities for ``texts``."""
+def logits_of(model, tokenizer, texts: list, batch_size: int = 32, max_length: int = 128) -> np.ndarray:
+    """The classifier's logits ``[len(texts), labels]`` (texts, or (text, pair) tuples), in batches of a
+    fixed size padded to their longest text in steps of 8 tokens: a handful of shapes to compile."""
     graphdef, state = nnx.split(model)
 
     @jax.jit
@@ -66,12 +63,11 @@ def predict(model, tokenizer, texts: list[str], batch_size: int = 32, max_length
 
     from tqdm.auto import tqdm
 
-    task, out = model.task, []
+    out = []
     starts = range(0, len(texts), batch_size)
     for start in tqdm(starts, desc="predict", unit="batch", disable=len(starts) < 4, leave=False):
         chunk = texts[start : start + batch_size]
         padded = chunk + [chunk[-1]] * (batch_size - len(chunk))  # a fixed batch size
-        # Padded to the longest text rounded up to 8 tokens: a handful of shapes, one compilation each.
         enc = tokenizer(
             padded,
             padding="longest",
@@ -82,24 +78,34 @@ def predict(model, tokenizer, texts: list[str], batch_size: int = 32, max_length
             return_tensors="np",
         )
         types = enc.get("token_type_ids") if getattr(model.cfg, "type_vocab_size", 0) else None
-        logits = np.asarray(forward(state, enc["input_ids"], enc["attention_mask"], types))[: len(chunk)]
-        for text, row in zip(chunk, logits, strict=True):
-            if task.problem_type == "regression":
-                out.append({"text": text, "value": row.tolist() if len(row) > 1 else float(row[0])})
-                continue
-            if task.problem_type == "multi_label_classification":
-                probs = 1.0 / (1.0 + np.exp(-row))
-                labels = [name for name, p in zip(task.labels, probs, strict=True) if p > 0.5]
-            else:
-                probs = np.asarray(jax.nn.softmax(jnp.asarray(row, jnp.float32)))
-                labels = task.labels[int(np.argmax(probs))]
-            out.append(
-                {
-                    "text": text,
-                    "label": labels,
-                    "probabilities": {n: float(p) for n, p in zip(task.labels, probs, strict=True)},
-                }
-            )
+        out.append(np.asarray(forward(state, enc["input_ids"], enc["attention_mask"], types))[: len(chunk)])
+    return np.concatenate(out) if out else np.zeros((0, model.task.num_labels), np.float32)
+
+
+def predict(model, tokenizer, texts: list[str], batch_size: int = 32, max_length: int = 128) -> list[dict]:
+    """Label names and probabilities for ``texts`` (the value or values, for regression)."""
+    task = model.task
+    logits = logits_of(model, tokenizer, texts, batch_size, max_length)
+    if task.problem_type == heads.REGRESSION:
+        return [
+            {"text": t, "value": r.tolist() if len(r) > 1 else float(r[0])}
+            for t, r in zip(texts, logits, strict=True)
+        ]
+    probs = np.asarray(heads.probabilities(logits, task.problem_type))
+    picked = np.asarray(heads.predictions(logits, task.problem_type))
+    out = []
+    for text, p, pick in zip(texts, probs, picked, strict=True):
+        if task.problem_type == heads.MULTI_LABEL:  # on above logit 0, i.e. probability 0.5
+            label = [name for name, on in zip(task.labels, pick > 0, strict=True) if on]
+        else:
+            label = task.labels[int(pick)]
+        out.append(
+            {
+                "text": text,
+                "label": label,
+                "probabilities": dict(zip(task.labels, map(float, p), strict=True)),
+            }
+        )
     return out
 
 

@@ -106,8 +106,9 @@ def _build(fam, cfg, task: heads.Task, tensors, dtype, seed: int, new_head: bool
     """Create the model abstractly, fill each parameter from its checkpoint tensor, and initialise the
     head parameters the checkpoint does not have (seeded, as transformers initialises them).
 
-    With a ``mesh``, each tensor goes straight into its shards (``rules`` map logical axis names to
-    mesh axes): the host holds one tensor at a time, never a replicated copy of the model."""
+    With a ``mesh``, each parameter goes straight into its shards (``rules`` map logical axis names to
+    mesh axes): the host holds one parameter at a time (a stacked ``[layers, ...]`` one whole), never a
+    replicated copy of the model."""
     abstract = nnx.eval_shape(lambda: fam.MODEL(cfg, task, rngs=nnx.Rngs(seed), dtype=dtype))
     graphdef, state = nnx.split(abstract)
     by_name = _by_path(state)

@@ -16,48 +16,14 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jaxtune.losses import IGNORE_INDEX, classification_loss
+from jaxtune.losses import IGNORE_INDEX, causal_lm_loss, classification_loss
 from jaxtune.models import heads
-from jaxtune.models.layers import Dropout
-
-MODEL_INPUTS = ("attention_mask", "position_ids", "segment_ids")
+from jaxtune.models.layers import DEFAULT_OPTIONS, CallOptions, Dropout
 
 
 def cast(tree, dtype):
     """Floating-point leaves in ``dtype`` (the compute dtype); gradients flow back to the master copy."""
     return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
-
-
-def causal_lm_loss(model, batch, chunk_tokens: int, dropout: Dropout | None = None):
-    """Summed next-token cross-entropy and the number of counted tokens.
-
-    The output layer and the loss run over chunks of ``chunk_tokens`` tokens under ``jax.checkpoint``, so
-    at most one chunk of float32 logits ``[chunk, vocab]`` exists at a time, forward or backward.
-    """
-    inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
-    x_btd = model.hidden_states(batch["input_ids"], **inputs, dropout=dropout)
-    b, t, d = x_btd.shape
-    n = b * t
-    chunk = min(chunk_tokens, n)
-    pad = -n % chunk
-    x_nd = jnp.pad(x_btd.reshape(n, d), ((0, pad), (0, 0))).reshape(-1, chunk, d)
-    targets = jnp.pad(batch["targets"].reshape(n), (0, pad)).reshape(-1, chunk)
-    weights = jnp.pad(batch["loss_mask"].reshape(n).astype(jnp.float32), (0, pad)).reshape(-1, chunk)
-
-    def chunk_loss(x_cd, target_c, weight_c):
-        logits = model.logits(x_cd[None])[0].astype(jnp.float32)
-        picked = jnp.take_along_axis(logits, target_c[:, None], axis=-1)[:, 0]
-        return jnp.sum((jax.nn.logsumexp(logits, axis=-1) - picked) * weight_c)
-
-    if x_nd.shape[0] == 1:  # one chunk: nothing to save by recomputing its logits on the way back
-        return chunk_loss(x_nd[0], targets[0], weights[0]), jnp.sum(weights)
-    saved = jax.checkpoint(chunk_loss)
-
-    def body(total, xs):
-        return total + saved(*xs), None
-
-    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (x_nd, targets, weights))
-    return total, jnp.sum(weights)
 
 
 class Objective:
@@ -79,10 +45,9 @@ class Objective:
             return jnp.sum(batch["loss_mask"].astype(jnp.float32))
         return jnp.sum(batch["weights"].astype(jnp.float32)) * self.outputs
 
-    def _logits(self, model, batch, dropout: Dropout | None = None):
-        return model(
-            batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"), dropout=dropout
-        )
+    def _logits(self, model, batch, dropout: Dropout | None = None, options: CallOptions = DEFAULT_OPTIONS):
+        ids, mask, types = batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids")
+        return model(ids, mask, types, dropout=dropout, options=options)
 
     def _classification_loss(self, logits, batch):
         if self.task.problem_type == "single_label_classification":
@@ -90,29 +55,22 @@ class Objective:
             return classification_loss(logits, labels, self.task.problem_type)
         return classification_loss(logits, batch["labels"], self.task.problem_type, batch["weights"])
 
-    def loss(self, model, batch, dropout: Dropout | None = None):
+    def loss(self, model, batch, dropout: Dropout | None = None, options: CallOptions = DEFAULT_OPTIONS):
         if self.causal:
-            return causal_lm_loss(model, batch, self.chunk_tokens, dropout)
-        return self._classification_loss(self._logits(model, batch, dropout), batch)
+            return causal_lm_loss(model, batch, self.chunk_tokens, dropout, options)
+        return self._classification_loss(self._logits(model, batch, dropout, options), batch)
 
-    def eval_metrics(self, model, batch) -> dict:
+    def eval_metrics(self, model, batch, options: CallOptions = DEFAULT_OPTIONS) -> dict:
         if self.causal:
-            total, count = causal_lm_loss(model, batch, self.chunk_tokens)
+            total, count = causal_lm_loss(model, batch, self.chunk_tokens, options=options)
             return {"loss_sum": total, "count": count}
-        logits = self._logits(model, batch)
+        logits = self._logits(model, batch, options=options)
         total, count = self._classification_loss(logits, batch)
-        kind = self.task.problem_type
-        if kind == "single_label_classification":
-            predictions = jnp.argmax(logits, -1)
-        elif kind == "regression" and logits.shape[-1] == 1:
-            predictions = logits[:, 0].astype(jnp.float32)
-        else:  # multi-label: the logits (a label is on above 0); regression with several outputs
-            predictions = logits.astype(jnp.float32)
         # Per-example predictions come back too: F1, MCC, correlations and the confusion matrix need them.
         return {
             "loss_sum": total,
             "count": count,
-            "predictions": predictions,
+            "predictions": heads.predictions(logits, self.task.problem_type),
             "labels": batch["labels"],
             "weights": batch["weights"],
         }
@@ -136,6 +94,7 @@ def make_train_step(
     objective: Objective | None = None,
     dropout: float = 0.0,
     seed: int = 0,
+    options: CallOptions = DEFAULT_OPTIONS,
 ):
     """``train_step(state, frozen, batch) -> (state, metrics)``; pure, for ``jax.jit``.
 
@@ -144,13 +103,14 @@ def make_train_step(
     micro-batches are then those of one step on the whole batch, with no pass to rescale them.
 
     With a ``dropout`` rate, each step's masks come from ``seed``, the step number and the micro-batch.
+    ``options``: remat and the attention implementation of the forward pass.
     """
 
     objective = objective or Objective(heads.CAUSAL_LM, chunk_tokens)
 
     def loss_fn(params, frozen, batch, denom, key):
         model = nnx.merge(graphdef, cast(params, compute_dtype), cast(frozen, compute_dtype))
-        total, count = objective.loss(model, batch, Dropout(dropout, key) if dropout else None)
+        total, count = objective.loss(model, batch, Dropout(dropout, key) if dropout else None, options)
         return total / denom, count
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -180,7 +140,6 @@ def make_train_step(
         }
         metrics = {
             "loss": loss,
-            "tokens": denom,
             "grad_norm": optax.tree.norm(grads),
             "learning_rate": lr_schedule(state["step"]),
         }
@@ -189,14 +148,21 @@ def make_train_step(
     return train_step
 
 
-def make_eval_step(graphdef, *, compute_dtype, chunk_tokens: int = 2048, objective: Objective | None = None):
-    """``eval_step(params, frozen, batch) -> dict of sums`` (summed loss, count, and for classifiers
-    the number of correct predictions)."""
+def make_eval_step(
+    graphdef,
+    *,
+    compute_dtype,
+    chunk_tokens: int = 2048,
+    objective: Objective | None = None,
+    options: CallOptions = DEFAULT_OPTIONS,
+):
+    """``eval_step(params, frozen, batch) -> dict``: the summed loss and its count, and for classifiers
+    each row's prediction, label and weight (0 for the padding rows of the last batch)."""
     objective = objective or Objective(heads.CAUSAL_LM, chunk_tokens)
 
     def eval_step(params, frozen, batch):
         model = nnx.merge(graphdef, cast(params, compute_dtype), cast(frozen, compute_dtype))
-        return objective.eval_metrics(model, batch)
+        return objective.eval_metrics(model, batch, options)
 
     return eval_step
 

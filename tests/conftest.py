@@ -31,3 +31,22 @@ def text_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "corpus.txt"
     path.write_text(TEXT)
     return str(path)
+
+
+# End-to-end modules (training runs, CLIs, real models); the rest are unit tests that run in about a
+# minute: `make unit` (pytest -m "not e2e"). `make test` runs both.
+E2E = {
+    "test_train",
+    "test_faults",
+    "test_classify",
+    "test_quickstart",
+    "test_smollm2",
+    "test_minilm",
+    "test_predict",
+}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.module.__name__ in E2E:
+            item.add_marker(pytest.mark.e2e)

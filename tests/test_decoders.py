@@ -126,3 +126,20 @@ def test_export_cli_casts_and_shards(tmp_path):
     reloaded = jaxtune.load_pretrained(str(tmp_path / "sharded"))
     ids, mask = batch(97)
     np.testing.assert_array_equal(np.asarray(reloaded(ids, mask)), np.asarray(model(ids, mask)))
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_xla_attention_matches_transformers_too(variant, tmp_path):
+    """The attention op chosen at call time (jax.nn.dot_product_attention; Gemma 2's soft-capping
+    takes the reference): the same logits as transformers, and remat does not change a forward pass."""
+    from jaxtune.models.layers import CallOptions
+
+    ref = make_model(variant)
+    ref.save_pretrained(tmp_path / "hf")
+    ids, mask = batch(ref.config.vocab_size)
+    want = hf_logits(ref, ids, mask)
+    model = jaxtune.load_pretrained(str(tmp_path / "hf"))
+    real = mask.astype(bool)
+    for options in (CallOptions(attention="xla"), CallOptions(attention="xla", remat="dots")):
+        got = np.asarray(model(ids, attention_mask=mask, options=options))
+        np.testing.assert_allclose(got[real], want[real], atol=ATOL_LOGITS, rtol=0)

@@ -236,6 +236,14 @@ def _classifier_dir(tmp_path):
     return path
 
 
+def test_a_control_character_in_json_is_named_once_with_its_column(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "fine"}\n{"text": "tab\there"}\n')
+    with pytest.raises(DataError) as e:
+        sources.read(str(path))
+    assert f"{path}:2: not valid JSON (Invalid control character at column 14)" in str(e.value), str(e.value)
+
+
 def test_broken_yaml_names_the_line(tmp_path):
     path = tmp_path / "d.yml"
     path.write_text("categories:\n- x\nconversations:\n- - hi\n  - [unclosed\n")
@@ -468,7 +476,7 @@ def test_a_damaged_best_checkpoint_gives_way_to_the_next_best(labelled, tmp_path
 
 def test_a_truncated_safetensors_file_is_one_line_in_the_library_and_the_cli(tmp_path, capsys):
     src = tmp_path / "m"
-    make_model("llama").save_pretrained(src)
+    make_model("llama", vocab_size=320).save_pretrained(src)
     weights = src / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     with pytest.raises(ModelError) as e:
@@ -650,7 +658,7 @@ def test_export_of_a_workdir_without_checkpoints_says_so(text_file, tmp_path, ca
 @pytest.mark.parametrize("damage", ["bad json", "unknown model_type", "wrong shape"])
 def test_a_bad_model_directory_is_one_line_from_train(damage, tmp_path, capsys):
     src = tmp_path / "m"
-    make_model("llama").save_pretrained(src)
+    make_model("llama", vocab_size=320).save_pretrained(src)
     cfg = json.loads((src / "config.json").read_text())
     if damage == "bad json":
         (src / "config.json").write_text("{not json")

@@ -20,6 +20,8 @@ from runs import losses, metrics, tiny_config
 import jaxtune
 from jaxtune import checkpoint, optim, steps, train
 from jaxtune.config import ConfigError, defaults, validate
+from jaxtune.losses import causal_lm_loss
+from jaxtune.plan import load_model
 
 
 def test_sharded_and_single_device_runs_give_the_same_losses(text_file, tmp_path):
@@ -45,7 +47,7 @@ def test_fsdp_and_tensor_parallel_shard_the_parameters(text_file):
 
     config = tiny_config(text_file, **{"mesh.data": 1, "mesh.fsdp": 4, "mesh.tensor": 2})
     mesh = sharding.make_mesh(config)
-    model = train.load_model(config, mesh, config.mesh.rules)
+    model = load_model(config, mesh, config.mesh.rules)
     specs = {
         path: var.get_value().sharding.spec for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))
     }
@@ -116,7 +118,7 @@ def test_per_layer_learning_rates_and_frozen_parameters():
     new, _ = jax.jit(step)(_state(tx, params), frozen, batch)
 
     def loss(p):
-        total, count = steps.causal_lm_loss(nnx.merge(graphdef, p, frozen), batch, 64)
+        total, count = causal_lm_loss(nnx.merge(graphdef, p, frozen), batch, 64)
         return total / count
 
     grads = jax.grad(loss)(params)
@@ -153,7 +155,7 @@ def test_per_layer_learning_rates_and_frozen_parameters():
 def test_remat_chunked_loss_and_bfloat16_compute():
     """Rematerialisation and the loss chunk size change memory, not results; bfloat16 compute keeps
     float32 master weights and lands near the float32 loss."""
-    import dataclasses
+    from jaxtune.models.layers import CallOptions
 
     model = _tiny_model()
     batch = _batch(np.random.RandomState(2))
@@ -161,12 +163,17 @@ def test_remat_chunked_loss_and_bfloat16_compute():
     c.name, c.lr, c.schedule = "sgd", 0.5, "constant"
 
     def one_step(remat="none", chunk=1024, compute=jnp.float32):
-        model.cfg = dataclasses.replace(model.cfg, remat=remat)
         graphdef, state = nnx.split(model)
         params = nnx.to_pure_dict(state)
         tx, lr = optim.make(c, params, 10, 2)
         step = steps.make_train_step(
-            graphdef, tx, lr, compute_dtype=compute, accum_steps=1, chunk_tokens=chunk
+            graphdef,
+            tx,
+            lr,
+            compute_dtype=compute,
+            accum_steps=1,
+            chunk_tokens=chunk,
+            options=CallOptions(remat=remat),
         )
         return jax.jit(step)(_state(tx, params), {}, batch)
 

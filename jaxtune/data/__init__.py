@@ -121,11 +121,22 @@ def _flags(offsets, spans, loss_on: str) -> np.ndarray:
     return np.array([any(a <= s < b for a, b in spans) for s, _ in offsets], np.int8)
 
 
+def tokenize_chats(
+    tokenizer, conversations, loss_on: str = "assistant"
+) -> list[tuple[list[int], np.ndarray]]:
+    """Token ids of each conversation and 1 on the tokens that carry loss (see :func:`render`), in one
+    batched tokenizer call: a fast tokenizer encodes the whole list in parallel."""
+    rendered = [render(tokenizer, messages) for messages in conversations]
+    enc = tokenizer([text for text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
+    return [
+        (ids, _flags(offsets, spans, loss_on))
+        for (_, spans), ids, offsets in zip(rendered, enc["input_ids"], enc["offset_mapping"], strict=True)
+    ]
+
+
 def chat_tokens(tokenizer, messages: list[dict], loss_on: str = "assistant") -> tuple[list[int], np.ndarray]:
-    """Token ids of one conversation and 1 on the tokens that carry loss (see :func:`render`)."""
-    text, spans = render(tokenizer, messages)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    return enc["input_ids"], _flags(enc["offset_mapping"], spans, loss_on)
+    """:func:`tokenize_chats` of one conversation."""
+    return tokenize_chats(tokenizer, [messages], loss_on)[0]
 
 
 def instruction_messages(record: dict, origin: str) -> list[dict]:
@@ -163,13 +174,10 @@ def example_rows(recs, tokenizer, c) -> dict[str, np.ndarray]:
             f"the tokenizer has no chat template, which data.format={c.format!r} needs; use a chat model"
         )
     to_messages = instruction_messages if c.format == "instruction" else chat_messages
-    rendered = [render(tokenizer, to_messages(record, origin)) for record, origin in recs]
-    # One batched call: a fast tokenizer encodes the whole list in parallel.
-    enc = tokenizer([text for text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
+    conversations = [to_messages(record, origin) for record, origin in recs]
     pieces, truncated, dropped = [], 0, 0
     limit = c.seq_len + 1
-    for (_, spans), ids, offsets in zip(rendered, enc["input_ids"], enc["offset_mapping"], strict=True):
-        on = _flags(offsets, spans, c.loss_on)
+    for ids, on in tokenize_chats(tokenizer, conversations, c.loss_on):
         if len(ids) > limit:
             if c.too_long == "drop":
                 dropped += 1

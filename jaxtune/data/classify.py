@@ -22,11 +22,11 @@ import logging
 import numpy as np
 
 from jaxtune.data.sources import DataError
-from jaxtune.models.heads import PROBLEM_TYPES
+from jaxtune.models import heads
 
 log = logging.getLogger(__name__)
 
-SINGLE, MULTI, REGRESSION = PROBLEM_TYPES
+SINGLE, MULTI, REGRESSION = heads.SINGLE_LABEL, heads.MULTI_LABEL, heads.REGRESSION
 
 
 @dataclasses.dataclass(frozen=True)

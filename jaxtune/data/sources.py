@@ -101,6 +101,11 @@ def lines_of(path: str, keep_ends: bool = False):
             yield n, line if keep_ends else line.rstrip("\r\n")
 
 
+def _json_reason(e: json.JSONDecodeError) -> str:
+    # Some of json's messages end in "at" ("Invalid control character at"): the column follows once.
+    return f"{e.msg.removesuffix(' at')} at column {e.colno}"
+
+
 def _jsonl(path):
     out = []
     for n, line in lines_of(path):
@@ -109,9 +114,7 @@ def _jsonl(path):
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(
-                f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno}); fix or remove the line"
-            ) from e
+            raise DataError(f"{path}:{n}: not valid JSON ({_json_reason(e)}); fix or remove the line") from e
         if not isinstance(record, dict):
             raise DataError(f"{path}:{n}: a JSON {type(record).__name__}, not an object with named fields")
         out.append((record, f"{path}:{n}"))
@@ -122,7 +125,7 @@ def _json(path):
     try:
         data = json.loads(text_of(path))
     except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from e
+        raise DataError(f"{path}:{e.lineno}: not valid JSON ({_json_reason(e)}); fix the file") from e
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a JSON array of objects, got a {type(data).__name__}")
     for i, record in enumerate(data):

@@ -10,15 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from jaxtune.errors import ModelError
+from jaxtune.logical import constrain
 from jaxtune.models import heads, layers
-from jaxtune.sharding import constrain
-
-ACTIVATION = ("batch", "length", "act_embed")  # logical names of the residual stream [b, t, d]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,8 +77,8 @@ class Block(nnx.Module):
                 d, cfg.norm, cfg.norm_eps, rngs=rngs, dtype=dtype, names=("embed",)
             )
 
-    def __call__(self, x_btd, positions_bt, mask_bts, dropout=None):
-        h = self.attn(self.attn_norm(x_btd), positions_bt, mask_bts, dropout)
+    def __call__(self, x_btd, positions_bt, mask_bts, dropout=None, options=layers.DEFAULT_OPTIONS):
+        h = self.attn(self.attn_norm(x_btd), positions_bt, mask_bts, dropout, options)
         if self.sandwich:
             h = self.post_attn_norm(h)
         x_btd = x_btd + layers.drop(dropout, h, layers.Dropout.ATTN_OUT)
@@ -89,18 +86,6 @@ class Block(nnx.Module):
         if self.sandwich:
             h = self.post_mlp_norm(h)
         return x_btd + layers.drop(dropout, h, layers.Dropout.MLP_OUT)
-
-
-def default_positions(attention_mask_bt, segment_ids_bt, b: int, t: int):
-    """Position ids when none are given: count only real tokens (so left padding does not shift
-    positions) and restart at each new segment of a packed row."""
-    idx = jnp.broadcast_to(jnp.arange(t), (b, t))
-    if segment_ids_bt is not None:
-        starts = jnp.where(jnp.pad(segment_ids_bt[:, 1:] != segment_ids_bt[:, :-1], ((0, 0), (1, 0))), idx, 0)
-        return idx - jax.lax.cummax(starts, axis=1)
-    if attention_mask_bt is not None:
-        return jnp.maximum(jnp.cumsum(attention_mask_bt.astype(jnp.int32), axis=1) - 1, 0)
-    return idx
 
 
 class Decoder(nnx.Module):
@@ -152,32 +137,35 @@ class Decoder(nnx.Module):
         position_ids=None,
         segment_ids=None,
         dropout: layers.Dropout | None = None,
+        options: layers.CallOptions = layers.DEFAULT_OPTIONS,
     ):
-        """Final-norm hidden states ``[b, t, d]``; ``dropout`` only in a training step."""
+        """Final-norm hidden states ``[b, t, d]``; ``dropout`` only in a training step; ``options``: remat
+        and the attention implementation."""
         cfg = self.cfg
         input_ids = jnp.asarray(input_ids)
         b, t = input_ids.shape
         attention_mask = None if attention_mask is None else jnp.asarray(attention_mask)
         segment_ids = None if segment_ids is None else jnp.asarray(segment_ids)
         if position_ids is None:
-            position_ids = default_positions(attention_mask, segment_ids, b, t)
+            position_ids = layers.default_positions(attention_mask, segment_ids, b, t)
         position_ids = jnp.asarray(position_ids)
         x_btd = self.embed[...][input_ids]
         if cfg.embed_scale:
             x_btd = x_btd * jnp.asarray(cfg.hidden_size**0.5, dtype=x_btd.dtype)
         if cfg.position == "learned":
             x_btd = x_btd + self.pos_embed[...][position_ids]
-        x_btd = constrain(layers.drop(dropout, x_btd, layers.Dropout.EMBED), ACTIVATION)
+        x_btd = constrain(layers.drop(dropout, x_btd, layers.Dropout.EMBED), layers.ACTIVATION)
 
         def step(block, x_btd, per_layer):
             window, index = per_layer
             mask_bts = layers.attention_mask_bts(attention_mask, segment_ids, t, window)
             return constrain(
-                block(x_btd, position_ids, mask_bts, layers.for_layer(dropout, index)), ACTIVATION
+                block(x_btd, position_ids, mask_bts, layers.for_layer(dropout, index), options),
+                layers.ACTIVATION,
             )
 
         per_layer = (jnp.asarray(cfg.windows, jnp.int32), jnp.arange(cfg.num_layers))
-        x_btd = layers.scan(self.layers, x_btd, per_layer, step, cfg.remat)
+        x_btd = layers.scan(self.layers, x_btd, per_layer, step, options.remat)
         return self.final_norm(x_btd)
 
     def logits(self, x_btd):
@@ -203,11 +191,12 @@ class Decoder(nnx.Module):
         position_ids=None,
         segment_ids=None,
         dropout: layers.Dropout | None = None,
+        options: layers.CallOptions = layers.DEFAULT_OPTIONS,
     ):
         if token_type_ids is not None:
             raise ModelError(f"{self.cfg.model_type} has no token types; pass token_type_ids=None")
         # transformers' decoder classifiers (Llama, GPT-2, ...) have no dropout before their score layer.
-        x_btd = self.hidden_states(input_ids, attention_mask, position_ids, segment_ids, dropout)
+        x_btd = self.hidden_states(input_ids, attention_mask, position_ids, segment_ids, dropout, options)
         task = self.task.name
         if task == "causal_lm":
             return self.logits(x_btd)

@@ -14,9 +14,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxtune.errors import ModelError
+from jaxtune.logical import constrain
 from jaxtune.models import heads, layers
-from jaxtune.models.decoder import ACTIVATION, default_positions
-from jaxtune.sharding import constrain
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,8 +73,8 @@ class EncoderBlock(nnx.Module):
         self.mlp = layers.MLP(cfg, rngs=rngs, dtype=dtype)
         self.mlp_norm = layers.Norm(d, "layer", cfg.norm_eps, rngs=rngs, dtype=dtype, names=("embed",))
 
-    def __call__(self, x_btd, mask_bts, dropout=None):
-        h = layers.drop(dropout, self.attn(x_btd, None, mask_bts, dropout), layers.Dropout.ATTN_OUT)
+    def __call__(self, x_btd, mask_bts, dropout=None, options=layers.DEFAULT_OPTIONS):
+        h = layers.drop(dropout, self.attn(x_btd, None, mask_bts, dropout, options), layers.Dropout.ATTN_OUT)
         x_btd = self.attn_norm(x_btd + h)
         return self.mlp_norm(x_btd + layers.drop(dropout, self.mlp(x_btd), layers.Dropout.MLP_OUT))
 
@@ -122,7 +121,7 @@ class Encoder(nnx.Module):
         cfg = self.cfg
         b, t = input_ids_bt.shape
         if segment_ids_bt is not None:
-            pos = default_positions(None, segment_ids_bt, b, t)
+            pos = layers.default_positions(None, segment_ids_bt, b, t)
             return pos + cfg.pad_token_id + 1 if cfg.roberta_positions else pos
         if cfg.roberta_positions:
             real = (input_ids_bt != cfg.pad_token_id).astype(jnp.int32)
@@ -137,8 +136,10 @@ class Encoder(nnx.Module):
         position_ids=None,
         segment_ids=None,
         dropout: layers.Dropout | None = None,
+        options: layers.CallOptions = layers.DEFAULT_OPTIONS,
     ):
-        """Last-layer hidden states ``[b, t, d]``; ``dropout`` only in a training step."""
+        """Last-layer hidden states ``[b, t, d]``; ``dropout`` only in a training step; ``options``: remat
+        and the attention implementation."""
         cfg = self.cfg
         input_ids = jnp.asarray(input_ids)
         t = input_ids.shape[1]
@@ -153,13 +154,14 @@ class Encoder(nnx.Module):
         elif token_type_ids is not None:
             raise ModelError(f"{cfg.model_type} has no token types; pass token_type_ids=None")
         x_btd = layers.drop(dropout, self.embed_norm(x_btd), layers.Dropout.EMBED)
-        x_btd = constrain(x_btd, ACTIVATION)
+        x_btd = constrain(x_btd, layers.ACTIVATION)
         mask_bts = layers.attention_mask_bts(attention_mask, segment_ids, t, causal=False)
 
         def step(block, x_btd, index):
-            return constrain(block(x_btd, mask_bts, layers.for_layer(dropout, index)), ACTIVATION)
+            out = block(x_btd, mask_bts, layers.for_layer(dropout, index), options)
+            return constrain(out, layers.ACTIVATION)
 
-        return layers.scan(self.layers, x_btd, jnp.arange(cfg.num_layers), step, cfg.remat)
+        return layers.scan(self.layers, x_btd, jnp.arange(cfg.num_layers), step, options.remat)
 
     def __call__(
         self,
@@ -169,9 +171,10 @@ class Encoder(nnx.Module):
         position_ids=None,
         segment_ids=None,
         dropout: layers.Dropout | None = None,
+        options: layers.CallOptions = layers.DEFAULT_OPTIONS,
     ):
         x_btd = self.hidden_states(
-            input_ids, attention_mask, token_type_ids, position_ids, segment_ids, dropout
+            input_ids, attention_mask, token_type_ids, position_ids, segment_ids, dropout, options
         )
         task = self.task.name
         if task == "base":

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from jaxtune.models import heads
 from jaxtune.models.decoder import Decoder, DecoderConfig
-from jaxtune.models.llama import (  # noqa: F401  (HEAD_KEYS, IGNORED_KEYS, TIED_KEYS: same as Llama's)
+from jaxtune.models.decoder_family import (  # noqa: F401  (HEAD_KEYS, IGNORED_KEYS, TIED_KEYS: same as Llama's)
     HEAD_KEYS,
     IGNORED_KEYS,
     TIED_KEYS,

@@ -7,7 +7,7 @@ import json
 from jaxtune.errors import ModelError
 from jaxtune.models import heads
 from jaxtune.models.decoder import Decoder, DecoderConfig
-from jaxtune.models.llama import head_entries, pad_token_id
+from jaxtune.models.decoder_family import head_entries, pad_token_id
 from jaxtune.models.weights import CONV1D, CONV1D_IN2, IDENT, dense, layer_norm
 
 MODEL = Decoder

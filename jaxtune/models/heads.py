@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 
 from jaxtune.errors import ModelError
 from jaxtune.models import layers
 
 TASKS = ("causal_lm", "sequence_classification", "token_classification", "base")
-PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
+SINGLE_LABEL = "single_label_classification"
+MULTI_LABEL = "multi_label_classification"
+REGRESSION = "regression"
+PROBLEM_TYPES = (SINGLE_LABEL, MULTI_LABEL, REGRESSION)
 CLASSIFICATION = ("sequence_classification", "token_classification")
 
 # transformers class-name suffix per task; a family supplies the prefix (``Llama``, ``Bert``, ...).
@@ -129,3 +133,24 @@ def last_token_index(input_ids_bt, attention_mask_bt, pad_token_id: int):
     else:
         return jnp.full((b,), t - 1)
     return jnp.argmax(jnp.arange(t) * keep, axis=-1)
+
+
+def predictions(logits, problem_type: str):
+    """What a classifier predicts from its logits ``[b, labels]``, as the metrics read it: label ids
+    (single-label), the logits themselves (multi-label: a label is on above 0; regression with several
+    outputs) or the values ``[b]`` (regression with one output). Works on jax and numpy arrays."""
+    if problem_type == SINGLE_LABEL:
+        return logits.argmax(-1)
+    if problem_type == REGRESSION and logits.shape[-1] == 1:
+        return logits[:, 0].astype(jnp.float32)
+    return logits.astype(jnp.float32)
+
+
+def probabilities(logits, problem_type: str):
+    """Each label's probability (softmax; sigmoid for multi-label), or None for regression."""
+    x = jnp.asarray(logits, jnp.float32)
+    if problem_type == MULTI_LABEL:
+        return jax.nn.sigmoid(x)
+    if problem_type == SINGLE_LABEL:
+        return jax.nn.softmax(x, axis=-1)
+    return None

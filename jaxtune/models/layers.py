@@ -48,8 +48,25 @@ class ArchConfig:
     intermediate_size: int
     num_layers: int
     num_heads: int
-    # How the scanned layers are rematerialised in training: none | full | dots (save matmul outputs).
-    remat: str = dataclasses.field(default="none", kw_only=True)
+
+
+ATTENTION_IMPLS = ("reference", "xla")
+
+
+@dataclasses.dataclass(frozen=True)
+class CallOptions:
+    """How a forward pass runs, chosen by the caller (a training step, generation), never stored in the
+    architecture: ``remat`` (none | full | dots: what the scanned layers keep for the backward pass)
+    and ``attention`` (the attention implementation, see :func:`attend`)."""
+
+    remat: str = "none"
+    attention: str = "reference"
+
+
+DEFAULT_OPTIONS = CallOptions()
+
+
+ACTIVATION = ("batch", "length", "act_embed")  # logical names of the residual stream [b, t, d]
 
 
 def param(rngs: nnx.Rngs, init, shape, names, dtype) -> nnx.Param:
@@ -77,24 +94,26 @@ REMAT_POLICIES = {
 }
 
 
-def scan(stacked, x, per_layer, step, remat: str = "none"):
+def scan(stacked, x, per_layer, step, remat: str = "none", outputs: bool = False):
     """Run stacked blocks in order with ``jax.lax.scan``: ``x = step(block, x, per_layer[i])``.
 
     One traced body for all layers keeps compile time flat in depth. ``remat`` wraps the body in
     ``jax.checkpoint`` so the backward pass keeps only each layer's input (``full``) or also its matmul
-    outputs (``dots``).
+    outputs (``dots``). With ``outputs``, ``step`` returns ``(x, y)`` and scan returns ``(x, ys)``, the
+    ``y`` of every layer stacked on a leading axis (a stacked key/value cache, say).
     """
     graphdef, state = nnx.split(stacked)
 
     def body(x, inputs):
         layer_state, xs = inputs
-        return step(nnx.merge(graphdef, layer_state), x, xs), None
+        out = step(nnx.merge(graphdef, layer_state), x, xs)
+        return out if outputs else (out, None)
 
     if remat != "none":
         body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
 
-    x, _ = jax.lax.scan(body, x, (state, per_layer))
-    return x
+    x, ys = jax.lax.scan(body, x, (state, per_layer))
+    return (x, ys) if outputs else x
 
 
 class Dropout:
@@ -231,6 +250,35 @@ def attention_mask_bts(attention_mask_bs, segment_ids_bt, length: int, window=0,
     return mask
 
 
+def attend(
+    q_btnh, k_bskh, v_bskh, mask_bts, *, scale: float, softcap: float = 0.0, dropout=None, impl="reference"
+):
+    """``softmax(q k^T * scale, masked) v`` with grouped key/value heads (n query heads over k key/value
+    heads); the query length t may differ from the key length s (a decode step against a cache).
+
+    ``impl``: ``reference`` (einsums, scores in float32) or ``xla`` (``jax.nn.dot_product_attention``,
+    which XLA may fuse). Gemma 2's soft-capping and dropout on the probabilities exist in the reference
+    only, so a call that needs them takes it whatever ``impl`` says.
+    """
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention implementation {impl!r} is not one of {', '.join(ATTENTION_IMPLS)}")
+    if impl == "xla" and not softcap and dropout is None:
+        return jax.nn.dot_product_attention(
+            q_btnh, k_bskh, v_bskh, mask=mask_bts[:, None], scale=scale, implementation="xla"
+        )
+    b, t, n, h = q_btnh.shape
+    k = k_bskh.shape[2]
+    q_btkgh = q_btnh.reshape(b, t, k, n // k, h)
+    scores = jnp.einsum("btkgh,bskh->bkgts", q_btkgh, k_bskh, preferred_element_type=jnp.float32)
+    scores = scores * scale
+    if softcap:
+        scores = jnp.tanh(scores / softcap) * softcap
+    # A large finite value rather than -inf keeps fully masked (padding) rows free of NaN.
+    scores = jnp.where(mask_bts[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = drop(dropout, jax.nn.softmax(scores, axis=-1).astype(v_bskh.dtype), Dropout.ATTN_PROBS)
+    return jnp.einsum("bkgts,bskh->btkgh", probs, v_bskh).reshape(b, t, n, h)
+
+
 class Attention(nnx.Module):
     """Multi-head attention with grouped/multi-query key-value heads, rotary or no positions,
     optional q/k norm (Qwen3), logit soft-capping (Gemma 2) and a fused qkv projection (GPT-2)."""
@@ -268,7 +316,9 @@ class Attention(nnx.Module):
             self.q_norm = Norm(h, cfg.norm, cfg.norm_eps, rngs=rngs, dtype=dtype, names=("head_dim",))
             self.k_norm = Norm(h, cfg.norm, cfg.norm_eps, rngs=rngs, dtype=dtype, names=("head_dim",))
 
-    def __call__(self, x_btd, positions_bt, mask_bts, dropout: Dropout | None = None):
+    def __call__(
+        self, x_btd, positions_bt, mask_bts, dropout: Dropout | None = None, options=DEFAULT_OPTIONS
+    ):
         cfg = self.cfg
         if cfg.fused_qkv:
             qkv = self.qkv_proj(x_btd)
@@ -281,18 +331,17 @@ class Attention(nnx.Module):
             inv_freq, factor = rope_inv_freq(cfg.head_dim, dict(cfg.rope))
             q_btnh = apply_rope(q_btnh, positions_bt, inv_freq, factor)
             k_btkh = apply_rope(k_btkh, positions_bt, inv_freq, factor)
-        b, t, n, h = q_btnh.shape
-        k = k_btkh.shape[2]
-        q_btkgh = q_btnh.reshape(b, t, k, n // k, h)
-        scores = jnp.einsum("btkgh,bskh->bkgts", q_btkgh, k_btkh, preferred_element_type=jnp.float32)
-        scores = scores * cfg.attn_scale
-        if cfg.attn_softcap:
-            scores = jnp.tanh(scores / cfg.attn_softcap) * cfg.attn_softcap
-        # A large finite value rather than -inf keeps fully masked (padding) rows free of NaN.
-        scores = jnp.where(mask_bts[:, None, None], scores, jnp.finfo(jnp.float32).min)
-        probs = drop(dropout, jax.nn.softmax(scores, axis=-1).astype(v_btkh.dtype), Dropout.ATTN_PROBS)
-        out_btkgh = jnp.einsum("bkgts,bskh->btkgh", probs, v_btkh)
-        return self.o_proj(out_btkgh.reshape(b, t, n, h))
+        out_btnh = attend(
+            q_btnh,
+            k_btkh,
+            v_btkh,
+            mask_bts,
+            scale=cfg.attn_scale,
+            softcap=cfg.attn_softcap,
+            dropout=dropout,
+            impl=options.attention,
+        )
+        return self.o_proj(out_btnh)
 
 
 class Linear(nnx.Module):
@@ -332,3 +381,15 @@ class MLP(nnx.Module):
         if self.gated:
             return self.down_proj(self.act(self.gate_proj(x_btd)) * self.up_proj(x_btd))
         return self.down_proj(self.act(self.up_proj(x_btd)))
+
+
+def default_positions(attention_mask_bt, segment_ids_bt, b: int, t: int):
+    """Position ids when none are given: count only real tokens (so left padding does not shift
+    positions) and restart at each new segment of a packed row."""
+    idx = jnp.broadcast_to(jnp.arange(t), (b, t))
+    if segment_ids_bt is not None:
+        starts = jnp.where(jnp.pad(segment_ids_bt[:, 1:] != segment_ids_bt[:, :-1], ((0, 0), (1, 0))), idx, 0)
+        return idx - jax.lax.cummax(starts, axis=1)
+    if attention_mask_bt is not None:
+        return jnp.maximum(jnp.cumsum(attention_mask_bt.astype(jnp.int32), axis=1) - 1, 0)
+    return idx

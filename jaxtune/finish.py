@@ -1,0 +1,61 @@
+"""End-of-run actions: load the best checkpoint (``checkpoint.load_best_at_end``, or an export of the
+best), sample answers (``sample.prompts``) and export Hugging Face weights (``export.at_end``)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import jax
+from flax import nnx
+
+from jaxtune import optim, pretrained
+
+log = logging.getLogger("jaxtune.train")
+
+
+def wants_best(config) -> bool:
+    """The run ends on the best checkpoint when asked to, and so does the export unless it is told to
+    take the last one."""
+    return bool(
+        config.checkpoint.load_best_at_end or (config.export.at_end and config.export.checkpoint == "best")
+    )
+
+
+def load_best(config, ckpt, step: int, state: dict, frozen: dict, abstract: dict):
+    """(state, frozen, best step or None): the best checkpoint's parameters in place of the last ones,
+    when the config wants them and the best is not the last step itself."""
+    top = ckpt.best_step()
+    if not (wants_best(config) and top and top[0] != step):
+        return state, frozen, None
+    ckpt.wait()
+    items = ckpt.restore_best(top[0], {"params": abstract["params"], "frozen": abstract["frozen"]})
+    log.info(
+        "loaded the best checkpoint (step %d, %s %.4f) for the end of the run",
+        top[0],
+        config.checkpoint.best_metric,
+        top[1],
+    )
+    return dict(state, params=items["params"]), items["frozen"], top[0]
+
+
+def samples_and_export(config, workdir: str, graphdef, params, frozen, tokenizer) -> None:
+    """Sample answers and the Hugging Face export, as the config asks."""
+    if not (config.sample.prompts or config.export.at_end):
+        return
+    model = nnx.merge(graphdef, optim.merge(params, frozen))
+    if config.sample.prompts and model.task.name == "causal_lm":
+        from jaxtune.generate import generate
+
+        chat = getattr(tokenizer, "chat_template", None) is not None
+        with open(os.path.join(workdir, "samples.jsonl"), "w") as f:
+            for prompt in config.sample.prompts:
+                question = [{"role": "user", "content": prompt}] if chat else prompt
+                answer = generate(model, tokenizer, question, max_new_tokens=config.sample.max_new_tokens)
+                print(f"sample> {prompt}\n{answer}\n")
+                f.write(json.dumps({"prompt": prompt, "answer": answer}) + "\n")
+    if config.export.at_end and jax.process_index() == 0:
+        out = os.path.join(workdir, "export")
+        pretrained.save_pretrained(model, out, tokenizer=tokenizer, dtype=config.export.dtype or None)
+        log.info("exported Hugging Face weights to %s", out)

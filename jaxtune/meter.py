@@ -1,0 +1,90 @@
+"""The step meter: each training step's loss, learning rate, tokens/s and MFU, to the progress bar and
+``metrics.jsonl``.
+
+Metrics are fetched one step late, so the device is never idle waiting for the host. A step's time is
+the wall time since the clock was last read; compiling, evaluating and saving restart the clock, so
+none of them counts as a step's time. Before an eval or a save the last two steps are reported
+together: a backend that runs a step while dispatching it (the CPU) has finished both, and their time
+is shared in proportion to their FLOPs.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import jax
+
+
+class NonFiniteLoss(Exception):
+    """A step's loss is NaN or infinite (the loop stops the run, naming the last good checkpoint)."""
+
+    def __init__(self, step: int, loss: float):
+        super().__init__(f"loss is {loss} at step {step}")
+        self.step, self.loss = step, loss
+
+
+class StepMeter:
+    """``cost(length) -> (tokens, FLOPs)`` of a step whose rows are ``length`` long; ``peak``: the FLOP/s
+    of all devices (0: no MFU); ``writer``: a MetricsWriter; ``bar``: a tqdm bar (or None)."""
+
+    def __init__(
+        self, cost, peak: float, log_every: int, total: int, writer, bar=None, clock=time.perf_counter
+    ):
+        self.cost, self.peak, self.log_every, self.total = cost, peak, log_every, total
+        self.writer, self.bar, self.clock = writer, bar, clock
+        self.started = clock()
+        self.pending = None  # (step, device metrics, row length) not yet reported
+        self.last = None  # (step, loss) of the last reported step
+
+    def restart(self) -> None:
+        """Start timing afresh: what happened since (a compile, an eval, a save) is no step's time."""
+        self.started = self.clock()
+
+    def exclude(self, seconds: float) -> None:
+        """Take ``seconds`` (a compile in the middle of a step's time) out of the step being timed."""
+        self.started += seconds
+
+    def step(self, step: int, metrics, length: int, flush: bool = False) -> None:
+        """Record a dispatched step. The step before it is reported now; with ``flush`` (an eval, a save
+        or the end comes next) this one is too. Raises NonFiniteLoss."""
+        current = (step, metrics, length)
+        if flush:
+            done = [p for p in (self.pending, current) if p is not None]
+            self.pending = None
+            self._report(done)
+        else:
+            previous, self.pending = self.pending, current
+            if previous is not None:
+                self._report([previous])
+
+    def _report(self, done: list) -> None:
+        fetched = [(step, jax.device_get(m), length) for step, m, length in done]
+        now = self.clock()
+        seconds, self.started = now - self.started, now
+        costs = [self.cost(length) for _, _, length in done]
+        all_flops = sum(flops for _, flops in costs) or 1.0
+        for (step, m, _), (tokens, flops) in zip(fetched, costs, strict=True):
+            loss = float(m["loss"])
+            if not math.isfinite(loss):
+                raise NonFiniteLoss(step, loss)
+            took = max(seconds * flops / all_flops, 1e-9)
+            tps = tokens / took
+            util = flops / took / self.peak if self.peak else 0.0
+            self.last = (step, loss)
+            lr = float(m["learning_rate"])
+            if self.bar is not None:
+                self.bar.update(step - self.bar.n)
+                self.bar.set_postfix(
+                    loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:.0f}", mfu=f"{util:.1%}"
+                )
+            if step % self.log_every == 0 or step == self.total:
+                self.writer.write(
+                    step,
+                    "train",
+                    loss=loss,
+                    learning_rate=lr,
+                    tokens_per_second=tps,
+                    mfu=util,
+                    grad_norm=float(m["grad_norm"]),
+                )

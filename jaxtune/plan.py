@@ -1,0 +1,243 @@
+"""The training run as an abstract plan: the model's graph, the abstract train state with its shardings,
+the batch shapes, the optimizer and which parameters train, built from the config and a mesh without
+allocating a parameter.
+
+Training *materialises* a plan (weights loaded straight into their shards, or initialised in ``jit``)
+and compiles the step the plan declares; an ahead-of-time compile for a TPU topology lowers the same
+step from the same plan on the topology's abstract devices. Nothing about the step is written twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from jaxtune import optim, pretrained, sharding, steps
+from jaxtune.errors import ConfigError
+from jaxtune.models import heads, presets
+from jaxtune.models.layers import CallOptions
+from jaxtune.models.registry import family
+
+
+def mesh_rules(config) -> tuple:
+    """``config.mesh.rules`` as a tuple of (logical name, mesh axis or axes) pairs."""
+    return tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in config.mesh.rules)
+
+
+def _label_kwargs(labels) -> dict:
+    """A classifier's label space (:class:`jaxtune.data.classify.Labels`) as load_pretrained's keywords."""
+    if labels is None:
+        return {}
+    out = {"problem_type": labels.problem_type}
+    if labels.names:
+        out["id2label"] = list(labels.names)
+    else:
+        out["num_labels"] = labels.num_labels
+    return out
+
+
+def load_model(config, mesh, rules, labels=None):
+    """The model of ``config.model.path`` (a preset name: random init) in ``param_dtype``, in its shards;
+    a classifier gets ``labels`` (a :class:`jaxtune.data.classify.Labels`) as its id2label and
+    problem_type."""
+    c = config.model
+    kwargs = dict(task=c.task, seed=config.train.seed, mesh=mesh, rules=rules) | _label_kwargs(labels)
+    if c.path in presets.PRESETS:
+        return pretrained.model_from_config(presets.hf_config(c.path), c.param_dtype, **kwargs)
+    return pretrained.load_pretrained(c.path, c.param_dtype, new_head=c.new_head, **kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """The model a config asks for, abstractly: its graph, its state's shapes and dtypes (no
+    shardings yet), its architecture config and its task."""
+
+    graphdef: object
+    state: object  # nnx.State of jax.ShapeDtypeStruct
+    cfg: object
+    task: heads.Task
+
+
+def model_spec(config, labels=None) -> ModelSpec:
+    """The abstract model of ``config.model``: a preset's, or the one a checkpoint's config.json (or
+    GGUF header) describes, with ``labels`` as a classifier's label space. Reads no weights."""
+    c = config.model
+    if c.path in presets.PRESETS:
+        hf, where = presets.hf_config(c.path), c.path
+    else:
+        where = pretrained.resolve(c.path)
+        if where.endswith(".gguf"):
+            from jaxtune import gguf
+
+            hf = gguf.read(where)[0]  # the header; tensors are read lazily, so none is
+        else:
+            hf = pretrained.read_config(where)
+    fam = family(hf.model_type, where)
+    cfg = fam.config_from_hf(hf)
+    new_head = c.new_head and c.path not in presets.PRESETS
+    task = pretrained.resolve_task(hf, fam, where, c.task, new_head=new_head, **_label_kwargs(labels))
+    dtype = jnp.dtype(c.param_dtype)
+    seed = config.train.seed
+    abstract = nnx.eval_shape(lambda: fam.MODEL(cfg, task, rngs=nnx.Rngs(seed), dtype=dtype))
+    graphdef, state = nnx.split(abstract)
+    return ModelSpec(graphdef, state, cfg, task)
+
+
+def _abstract(tree, shardings):
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+@dataclasses.dataclass
+class Plan:
+    """Everything the train and eval steps need, abstractly. ``abstract`` and ``shardings`` hold
+    ``params`` (what trains), ``frozen`` (the rest of the model), ``opt_state`` and ``step``."""
+
+    config: object
+    mesh: Mesh
+    rules: tuple
+    spec: ModelSpec
+    is_frozen: object
+    tx: object
+    lr_schedule: object
+    objective: steps.Objective
+    options: CallOptions
+    abstract: dict
+    shardings: dict
+    batch_sharding: object
+    train_step: object  # jax.jit of steps.make_train_step, shardings declared, state donated
+    eval_step: object
+
+    def batch_spec(self, length: int) -> dict[str, jax.ShapeDtypeStruct]:
+        """Shapes, dtypes and sharding of a global training batch whose rows are ``length`` long."""
+        c = self.config
+        b, task = c.train.batch_size, self.spec.task
+        names = {}
+        if task.name == "causal_lm":
+            names = {"input_ids": np.int32, "targets": np.int32, "attention_mask": np.int32}
+            if c.data.packing:
+                names["segment_ids"] = np.int32
+            names["loss_mask"] = np.float32
+            shapes = dict.fromkeys(names, (b, length))
+        else:
+            names = {"input_ids": np.int32, "attention_mask": np.int32}
+            if getattr(self.spec.cfg, "type_vocab_size", 0):
+                names["token_type_ids"] = np.int32
+            shapes = dict.fromkeys(names, (b, length))
+            single = task.problem_type == heads.SINGLE_LABEL
+            one_value = task.problem_type == heads.REGRESSION and task.num_labels == 1
+            names["labels"] = np.int32 if single else np.float32
+            shapes["labels"] = (b,) if single or one_value else (b, task.num_labels)
+            names["weights"], shapes["weights"] = np.float32, (b,)
+        return {
+            k: jax.ShapeDtypeStruct(shapes[k], np.dtype(dtype), sharding=self.batch_sharding)
+            for k, dtype in names.items()
+        }
+
+    def check_batch(self, batch: dict) -> None:
+        """A batch must be what the plan declared: the step is compiled from the declaration."""
+        want = self.batch_spec(batch["input_ids"].shape[1])
+        got = {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in batch.items()}
+        expected = {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in want.items()}
+        if got != expected:
+            raise RuntimeError(f"jaxtune bug: the batch {got} is not the planned {expected}")
+
+    def lower(self, length: int):
+        """The train step lowered for rows of ``length`` tokens, from abstract arguments only."""
+        a = self.abstract
+        state = {"params": a["params"], "opt_state": a["opt_state"], "step": a["step"]}
+        return self.train_step.lower(state, a["frozen"], self.batch_spec(length))
+
+    def materialise(self, labels=None) -> tuple[dict, dict]:
+        """(train state, frozen parameters) on the mesh: the checkpoint's weights loaded into their
+        shards, or a preset initialised in ``jit``; optimizer state initialised in ``jit``."""
+        model = load_model(self.config, self.mesh, self.rules, labels)
+        frozen, params = optim.split(nnx.to_pure_dict(nnx.state(model)), self.is_frozen)
+        del model
+        state = {
+            "params": params,
+            "opt_state": jax.jit(self.tx.init, out_shardings=self.shardings["opt_state"])(params),
+            "step": jax.device_put(jnp.zeros((), jnp.int32), self.shardings["step"]),
+        }
+        return state, frozen
+
+
+def plan(config, mesh: Mesh, total_steps: int, labels=None, spec: ModelSpec | None = None) -> Plan:
+    """The :class:`Plan` of ``config`` on ``mesh`` for a run of ``total_steps`` (the schedule's length);
+    ``spec``: the :func:`model_spec`, when the caller already built it."""
+    spec = spec or model_spec(config, labels)
+    rules = mesh_rules(config)
+    state = nnx.to_pure_dict(spec.state)
+    model_shardings = sharding.state_shardings(spec.state, mesh, rules)
+    is_frozen = optim.frozen_matcher(config.optimizer.frozen)
+    frozen, params = optim.split(state, is_frozen)
+    frozen_sh, params_sh = optim.split(model_shardings, is_frozen)
+    if not params:
+        raise ConfigError(
+            f"config key optimizer.frozen = {config.optimizer.frozen!r} freezes every parameter"
+        )
+    tx, lr_schedule = optim.make(config.optimizer, params, total_steps, spec.cfg.num_layers)
+    opt_abstract = jax.eval_shape(tx.init, params)
+    shardings = {
+        "params": params_sh,
+        "frozen": frozen_sh,
+        "opt_state": sharding.like_params(opt_abstract, params, params_sh, mesh),
+        "step": sharding.replicated(mesh),
+    }
+    abstract = {
+        "params": _abstract(params, params_sh),
+        "frozen": _abstract(frozen, frozen_sh),
+        "opt_state": _abstract(opt_abstract, shardings["opt_state"]),
+        "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=shardings["step"]),
+    }
+    objective = steps.Objective(spec.task, config.model.loss_chunk_tokens)
+    options = CallOptions(remat=config.model.remat, attention=config.model.attention)
+    compute = jnp.dtype(config.model.compute_dtype)
+    batch_sh = sharding.batch_sharding(mesh, rules)
+    step_fn = steps.make_train_step(
+        spec.graphdef,
+        tx,
+        lr_schedule,
+        compute_dtype=compute,
+        accum_steps=config.train.grad_accum_steps,
+        objective=objective,
+        dropout=config.model.dropout,
+        seed=config.train.seed,
+        options=options,
+    )
+    state_sh = {k: shardings[k] for k in ("params", "opt_state", "step")}
+    # state: sharded like the parameters and donated, since the old state is dead after the step;
+    # frozen parameters: read only; batch: rows over (data, fsdp). Metrics come back replicated.
+    train_step = jax.jit(
+        step_fn,
+        in_shardings=(state_sh, frozen_sh, batch_sh),
+        out_shardings=(state_sh, sharding.replicated(mesh)),
+        donate_argnums=0,
+    )
+    # Eval never rematerialises: there is no backward pass to save memory for.
+    eval_options = dataclasses.replace(options, remat="none")
+    eval_step = jax.jit(
+        steps.make_eval_step(spec.graphdef, compute_dtype=compute, objective=objective, options=eval_options),
+        in_shardings=(params_sh, frozen_sh, batch_sh),
+        out_shardings=sharding.replicated(mesh),
+    )
+    return Plan(
+        config,
+        mesh,
+        rules,
+        spec,
+        is_frozen,
+        tx,
+        lr_schedule,
+        objective,
+        options,
+        abstract,
+        shardings,
+        batch_sh,
+        train_step,
+        eval_step,
+    )
