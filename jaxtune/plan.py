@@ -18,7 +18,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jaxtune import optim, pretrained, sharding, steps
-from jaxtune.errors import ConfigError
+from jaxtune.errors import ConfigError, TrainingError
 from jaxtune.models import heads, presets
 from jaxtune.models.layers import CallOptions
 from jaxtune.models.registry import family
@@ -111,6 +111,7 @@ class Plan:
     batch_sharding: object
     train_step: object  # jax.jit of steps.make_train_step, shardings declared, state donated
     eval_step: object
+    token_types: bool = False  # classifier batches carry token_type_ids (the tokenizer makes them)
 
     def batch_spec(self, length: int) -> dict[str, jax.ShapeDtypeStruct]:
         """Shapes, dtypes and sharding of a global training batch whose rows are ``length`` long."""
@@ -119,13 +120,13 @@ class Plan:
         names = {}
         if task.name == "causal_lm":
             names = {"input_ids": np.int32, "targets": np.int32, "attention_mask": np.int32}
-            if c.data.packing:
+            if c.data.packing and c.data.format != "text":  # text rows are cut from one stream, not packed
                 names["segment_ids"] = np.int32
             names["loss_mask"] = np.float32
             shapes = dict.fromkeys(names, (b, length))
         else:
             names = {"input_ids": np.int32, "attention_mask": np.int32}
-            if getattr(self.spec.cfg, "type_vocab_size", 0):
+            if self.token_types:
                 names["token_type_ids"] = np.int32
             shapes = dict.fromkeys(names, (b, length))
             single = task.problem_type == heads.SINGLE_LABEL
@@ -144,7 +145,10 @@ class Plan:
         got = {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in batch.items()}
         expected = {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in want.items()}
         if got != expected:
-            raise RuntimeError(f"jaxtune bug: the batch {got} is not the planned {expected}")
+            raise TrainingError(
+                f"the data's batches {got} are not the planned {expected}; this is a jaxtune bug, please "
+                "report it with the config"
+            )
 
     def lower(self, length: int):
         """The train step lowered for rows of ``length`` tokens, from abstract arguments only."""
@@ -152,10 +156,11 @@ class Plan:
         state = {"params": a["params"], "opt_state": a["opt_state"], "step": a["step"]}
         return self.train_step.lower(state, a["frozen"], self.batch_spec(length))
 
-    def materialise(self, labels=None) -> tuple[dict, dict]:
+    def materialise(self, labels=None, model=None) -> tuple[dict, dict]:
         """(train state, frozen parameters) on the mesh: the checkpoint's weights loaded into their
-        shards, or a preset initialised in ``jit``; optimizer state initialised in ``jit``."""
-        model = load_model(self.config, self.mesh, self.rules, labels)
+        shards, or a preset initialised in ``jit`` (``model``: one :func:`load_model` already made);
+        optimizer state initialised in ``jit``."""
+        model = model if model is not None else load_model(self.config, self.mesh, self.rules, labels)
         frozen, params = optim.split(nnx.to_pure_dict(nnx.state(model)), self.is_frozen)
         del model
         state = {
@@ -166,9 +171,13 @@ class Plan:
         return state, frozen
 
 
-def plan(config, mesh: Mesh, total_steps: int, labels=None, spec: ModelSpec | None = None) -> Plan:
+def plan(
+    config, mesh: Mesh, total_steps: int, labels=None, spec: ModelSpec | None = None, token_types=None
+) -> Plan:
     """The :class:`Plan` of ``config`` on ``mesh`` for a run of ``total_steps`` (the schedule's length);
-    ``spec``: the :func:`model_spec`, when the caller already built it."""
+    ``spec``: the :func:`model_spec`, when the caller already built it; ``token_types``: whether
+    classifier batches carry token_type_ids (the data knows: its tokenizer makes them or not; without
+    data, a model with token types is assumed to get them, as BERT's tokenizers give them)."""
     spec = spec or model_spec(config, labels)
     rules = mesh_rules(config)
     state = nnx.to_pure_dict(spec.state)
@@ -240,4 +249,5 @@ def plan(config, mesh: Mesh, total_steps: int, labels=None, spec: ModelSpec | No
         batch_sh,
         train_step,
         eval_step,
+        bool(getattr(spec.cfg, "type_vocab_size", 0)) if token_types is None else token_types,
     )

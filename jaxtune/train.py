@@ -26,7 +26,7 @@ from jaxtune.data.loader import Batches
 from jaxtune.errors import ConfigError, TrainingError
 from jaxtune.meter import NonFiniteLoss, StepMeter
 from jaxtune.models import presets
-from jaxtune.plan import model_spec, plan
+from jaxtune.plan import load_model, mesh_rules, model_spec, plan
 from jaxtune.stopping import StopSignals
 from jaxtune.workdir import Lock
 from jaxtune.writers import MetricsWriter
@@ -94,6 +94,8 @@ class Run:
                 f"{spec.cfg.vocab_size}; use the model's own tokenizer (model.tokenizer) or a larger "
                 "vocabulary"
             )
+        # The weights load before the data are tokenized: a damaged checkpoint is found in seconds.
+        model = load_model(config, mesh, mesh_rules(config), self.labels)
         train_rows, self.eval_rows = data.load(config.data, self.tokenizer, c.seed, self.labels)
         pid, nproc = jax.process_index(), jax.process_count()
         self.batches = Batches(
@@ -106,8 +108,10 @@ class Run:
             pad_to_multiple_of=config.data.pad_to_multiple_of,
         )
         self.total = c.max_steps or c.num_epochs * self.batches.steps_per_epoch
-        self.plan = plan(config, mesh, self.total, self.labels, spec)
-        self.state, self.frozen = self.plan.materialise(self.labels)
+        types = "token_type_ids" in train_rows[0]
+        self.plan = plan(config, mesh, self.total, self.labels, spec, token_types=types)
+        self.state, self.frozen = self.plan.materialise(self.labels, model)
+        del model
         if pid == 0:
             # Written once the model and the data are known to load, so a rerun that fails on either
             # leaves the files of the run before it as they were.
@@ -222,6 +226,8 @@ class Run:
                     break
                 if not last:
                     batch = parts.next_batch()
+        if parts.meter.bar is not None:
+            parts.meter.bar.close()  # before the last eval's and the end's log lines
         if step == total and not finished:
             parts.evaluate(step, summary)
         finished = finished or step == total

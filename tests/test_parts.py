@@ -171,6 +171,19 @@ def test_a_classifier_plan_declares_labels_and_weights(text_file):
         "labels": ((8,), "int32"),
         "weights": ((8,), "float32"),
     }
+    # Token types come when the tokenizer makes them (BERT's), not because the model has a table for
+    # them (RoBERTa's tokenizer makes none); multi-label labels are one float per label.
+    multi = Labels(("a", "b", "c"), "multi_label_classification")
+    batch = plan(config, sharding.make_mesh(config), 10, multi, token_types=True).batch_spec(24)
+    assert batch["token_type_ids"].shape == (8, 24) and batch["labels"].shape == (8, 3)
+    assert str(batch["labels"].dtype) == "float32"
+
+
+@pytest.mark.parametrize("fmt,segments", [("text", False), ("chat", True)])
+def test_packing_declares_segment_ids_only_where_rows_are_packed(text_file, fmt, segments):
+    config = tiny_config(text_file, **{"data.packing": True, "data.format": fmt})
+    batch = plan(config, sharding.make_mesh(config), 10).batch_spec(16)
+    assert ("segment_ids" in batch) == segments and batch["loss_mask"].dtype == np.float32
 
 
 # -- model seams ---------------------------------------------------------------------------------------
