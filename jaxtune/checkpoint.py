@@ -338,27 +338,23 @@ def _skip_orbax_echoes() -> None:
     """When a restore fails on a damaged checkpoint, Orbax's other array readers fail on their own
     as they are collected, each printing a page of TensorStore spec (an unretrieved task, a callback
     into a closed event loop). The failure that matters is raised and reported in one line; these
-    echoes of it are dropped, and nothing else is."""
+    echoes of it are dropped, and nothing else is. The readers' coroutines are collected after the
+    restore returns, so this hook stays; the closed-loop echoes are the stderr filter's."""
     if not isinstance(sys.unraisablehook, _SkipOrbaxEchoes):
         sys.unraisablehook = _SkipOrbaxEchoes(sys.unraisablehook)
-    if not isinstance(sys.excepthook, _SkipOrbaxEchoes):
-        sys.excepthook = _SkipOrbaxEchoes(sys.excepthook)
 
 
 class _SkipOrbaxEchoes:
-    """A sys.unraisablehook / sys.excepthook that drops the echoes described above."""
+    """A sys.unraisablehook that drops the abandoned readers' coroutines, and only those."""
 
     def __init__(self, hook):
         self.hook = hook
 
-    def __call__(self, *args):
-        if len(args) == 1:  # unraisablehook(unraisable)
-            where = getattr(args[0].object, "__qualname__", "") or repr(args[0].object)
-            if "_read_array_index_and_device_put" in where or "async_deserialize" in where:
-                return None
-        elif isinstance(args[1], RuntimeError) and str(args[1]) == "Event loop is closed":
+    def __call__(self, unraisable):
+        where = getattr(unraisable.object, "__qualname__", "") or repr(unraisable.object)
+        if "_read_array_index_and_device_put" in where or "async_deserialize" in where:
             return None
-        return self.hook(*args)
+        return self.hook(unraisable)
 
 
 def free_bytes(path: str) -> int | None:

@@ -10,10 +10,13 @@ is shared in proportion to their FLOPs.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 
 import jax
+
+log = logging.getLogger("jaxtune.train")
 
 
 class NonFiniteLoss(Exception):
@@ -26,11 +29,22 @@ class NonFiniteLoss(Exception):
 
 class StepMeter:
     """``cost(length) -> (tokens, FLOPs)`` of a step whose rows are ``length`` long; ``peak``: the FLOP/s
-    of all devices (0: no MFU); ``writer``: a MetricsWriter; ``bar``: a tqdm bar (or None)."""
+    of all devices (0: no MFU); ``writer``: a MetricsWriter; ``bar``: a tqdm bar (or None).
+    ``measured``: the peak was measured on this machine (a CPU), so it is a lower bound of the true
+    one: a step that runs faster raises it, and MFU never reads above 100%."""
 
     def __init__(
-        self, cost, peak: float, log_every: int, total: int, writer, bar=None, clock=time.perf_counter
+        self,
+        cost,
+        peak: float,
+        log_every: int,
+        total: int,
+        writer,
+        bar=None,
+        clock=time.perf_counter,
+        measured: bool = False,
     ):
+        self.measured = measured
         self.cost, self.peak, self.log_every, self.total = cost, peak, log_every, total
         self.writer, self.bar, self.clock = writer, bar, clock
         self.started = clock()
@@ -70,6 +84,14 @@ class StepMeter:
                 raise NonFiniteLoss(step, loss)
             took = max(seconds * flops / all_flops, 1e-9)
             tps = tokens / took
+            if self.measured and flops / took > self.peak:
+                log.info(
+                    "step %d ran at %.1f GFLOP/s, above the measured peak of %.1f: that is the peak now",
+                    step,
+                    flops / took / 1e9,
+                    self.peak / 1e9,
+                )
+                self.peak = flops / took
             util = flops / took / self.peak if self.peak else 0.0
             self.last = (step, loss)
             lr = float(m["learning_rate"])

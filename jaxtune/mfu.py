@@ -43,6 +43,11 @@ def measured_cpu_flops(n: int = 2048, repeats: int = 5) -> float:
     return 2.0 * n**3 / best
 
 
+def peak_is_measured(override_tflops: float = 0.0) -> bool:
+    """Whether :func:`peak_flops_per_device` measures the peak (a CPU) rather than reading a datasheet."""
+    return not override_tflops and jax.devices()[0].platform == "cpu"
+
+
 def peak_flops_per_device(override_tflops: float = 0.0) -> float:
     """The device's dense peak: the datasheet's on TPU and GPU, a measured one on CPU."""
     if override_tflops:

@@ -117,7 +117,6 @@ class Plan:
         """Shapes, dtypes and sharding of a global training batch whose rows are ``length`` long."""
         c = self.config
         b, task = c.train.batch_size, self.spec.task
-        names = {}
         if task.name == "causal_lm":
             names = {"input_ids": np.int32, "targets": np.int32, "attention_mask": np.int32}
             if c.data.packing and c.data.format != "text":  # text rows are cut from one stream, not packed

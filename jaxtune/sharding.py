@@ -15,7 +15,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxtune.config import MESH_AXES, mesh_shape
-from jaxtune.logical import activation_sharding, constrain, named, spec  # noqa: F401 (re-exported)
+from jaxtune.logical import named
 
 log = logging.getLogger(__name__)
 

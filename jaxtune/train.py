@@ -17,13 +17,15 @@ import time
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
-from jaxtune import checkpoint, cli, data, evaluators, finish, mfu, pretrained, sharding, steps
+from jaxtune import checkpoint, cli, data, evaluators, finish, mfu, optim, pretrained, sharding, steps
 from jaxtune.best import BestTracker
 from jaxtune.config import validate
 from jaxtune.data.classify import label_map
 from jaxtune.data.loader import Batches
 from jaxtune.errors import ConfigError, TrainingError
+from jaxtune.logical import activation_sharding
 from jaxtune.meter import NonFiniteLoss, StepMeter
 from jaxtune.models import presets
 from jaxtune.plan import load_model, mesh_rules, model_spec, plan
@@ -164,7 +166,7 @@ class Run:
                 dynamic_ncols=True,
             )
             parts = _Parts(self, ckpt, best, writer, bar)
-            with sharding.activation_sharding(self.plan.mesh, self.plan.rules):
+            with activation_sharding(self.plan.mesh, self.plan.rules):
                 summary = self._loop(start, stop_after, parts)
             bar.close()
         except BaseException:
@@ -251,7 +253,10 @@ class _Parts:
         self.run, self.ckpt, self.best = run, ckpt, best
         config = run.config
         self.policy = checkpoint.SavePolicy(config.checkpoint.every_steps, run.total)
-        self.meter = StepMeter(run._cost, run.peak, config.train.log_every, run.total, writer, bar)
+        measured = mfu.peak_is_measured(config.train.peak_tflops)
+        self.meter = StepMeter(
+            run._cost, run.peak, config.train.log_every, run.total, writer, bar, measured=measured
+        )
         self.evaluator = evaluators.make(config, run.plan, run.eval_rows, run.labels, writer, run.workdir)
         self.finite = jax.jit(steps.all_finite)
         self.executables = {}  # by row length: one, unless data.pad_to_multiple_of cuts batches to their rows
@@ -296,8 +301,6 @@ class _Parts:
 
     def meta(self, step: int) -> dict:
         """What a checkpoint keeps beside the arrays: the data position and the best tracker."""
-        from jaxtune import optim
-
         frozen_paths = optim.paths(self.run.frozen)
         return {
             "step": step,
@@ -322,10 +325,6 @@ class _Parts:
 
 
 def _merged(graphdef, state, frozen):
-    from flax import nnx
-
-    from jaxtune import optim
-
     return nnx.merge(graphdef, optim.merge(state["params"], frozen))
 
 

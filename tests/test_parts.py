@@ -92,6 +92,25 @@ def test_step_meter_reports_one_step_late_and_shares_time_before_an_eval_by_flop
     assert meter.last == (4, 1.0) and all(0 < r["mfu"] < 1 for r in rows.rows)
 
 
+def test_a_measured_peak_is_a_floor_so_mfu_never_reads_above_one():
+    clock, rows = Clock(), Rows()
+    # 1e6 FLOPs a step against a measured peak of 1e5 FLOP/s: the step itself shows the peak was low.
+    meter = StepMeter(
+        lambda n: (n, 1e6), peak=1e5, log_every=1, total=3, writer=rows, clock=clock, measured=True
+    )
+    for step, now in ((1, 1.0), (2, 5.0), (3, 25.0)):  # steps of 5, 10 and 10 s (2 and 3 share 20)
+        clock.now = now
+        meter.step(step, step_metrics(), 8, flush=step == 3)
+    mfu = [r["mfu"] for r in rows.rows]
+    assert mfu == pytest.approx([1.0, 0.5, 0.5])  # 2e5 FLOP/s became the peak; 1e5 is half of it
+    datasheet = StepMeter(lambda n: (n, 1e6), peak=1e5, log_every=1, total=1, writer=Rows(), clock=clock)
+    clock.now = 26.0
+    datasheet.step(1, step_metrics(), 8, flush=True)
+    assert (
+        datasheet.writer.rows[0]["mfu"] > 1
+    )  # a datasheet peak is not moved: an MFU above 1 is a bug to see
+
+
 def test_step_meter_stops_on_a_non_finite_loss_and_logs_every_n():
     rows = Rows()
     meter = StepMeter(lambda n: (n, float(n)), peak=0.0, log_every=2, total=3, writer=rows, clock=Clock())

@@ -58,28 +58,19 @@ def cuts(tokenizer, text: str, size: int = 0) -> list[str]:
 
 
 def text_ids(tokenizer, texts: Iterable[str], size: int = 0) -> Iterator[np.ndarray]:
-    """The ids (no special tokens) of each text, as int32 arrays, computed about ``size`` characters
-    at a time."""
+    """The ids (no special tokens) of each text, in order, as int32 arrays, computed about ``size``
+    characters at a time: short texts batched into one tokenizer call, a long one cut into pieces."""
     size = size or CHUNK_CHARS
-    batch: list[list[str]] = []  # the pieces of each text in the batch
-    chars = 0
+    batch, chars = [], 0
     for text in texts:
-        batch.append(cuts(tokenizer, text, size) if len(text) > size else [text])
+        if len(text) > size:
+            yield from _encode(tokenizer, batch) if batch else ()
+            batch, chars = [], 0
+            yield np.concatenate([_encode(tokenizer, [piece])[0] for piece in cuts(tokenizer, text, size)])
+            continue
+        batch.append(text)
         chars += len(text)
         if chars >= size:
-            yield from _flush(tokenizer, batch, size)
+            yield from _encode(tokenizer, batch)
             batch, chars = [], 0
-    yield from _flush(tokenizer, batch, size)
-
-
-def _flush(tokenizer, batch: list[list[str]], size: int) -> Iterator[np.ndarray]:
-    for pieces in batch:
-        if len(pieces) == 1 and len(pieces[0]) <= size:
-            continue
-        # A long text: its pieces one call each, so one call never holds more than a chunk.
-        parts = [_encode(tokenizer, [p])[0] for p in pieces]
-        pieces[:] = [np.concatenate(parts) if parts else np.zeros(0, np.int32)]
-    short = [i for i, pieces in enumerate(batch) if isinstance(pieces[0], str)]
-    encoded = dict(zip(short, _encode(tokenizer, [batch[i][0] for i in short]), strict=True)) if short else {}
-    for i, pieces in enumerate(batch):
-        yield encoded[i] if i in encoded else pieces[0]
+    yield from _encode(tokenizer, batch) if batch else ()
