@@ -229,9 +229,14 @@ def run(body, *args) -> int:
     return 0
 
 
-def main(p: argparse.ArgumentParser, body, argv=None, with_config: bool = False) -> int:
+def main(p, body, argv=None, with_config: bool = False, multihost: bool = False) -> int:
     """Parse ``argv`` with ``p`` (for ``with_config`` commands also the ``--config.KEY`` overrides into
-    ``args.config``, a ConfigDict), log to the console, run ``body(args)``; return the exit status."""
+    ``args.config``, a ConfigDict), log to the console, join the multi-process runtime (``multihost``
+    commands: see :mod:`jaxtune.distributed`), run ``body(args)``; return the exit status."""
+    from jaxtune import distributed
+
+    if multihost:
+        distributed.add_arguments(p)
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         if with_config:
@@ -242,4 +247,23 @@ def main(p: argparse.ArgumentParser, body, argv=None, with_config: bool = False)
     except (JaxtuneError, OSError) as e:
         return report(e)
     log_to_console()
+    if multihost:
+        status = run(distributed.initialize, args.coordinator, args.num_processes, args.process_id)
+        if status:
+            return status
+        _quiet_unless_main()
     return run(body, args)
+
+
+def _quiet_unless_main() -> None:
+    """On a process other than 0, only warnings and errors reach the console (each tagged with the
+    process): process 0 speaks for the run."""
+    import jax
+
+    if jax.process_count() == 1:
+        return
+    tag = f"[process {jax.process_index()}] "
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(logging.Formatter(f"%(asctime)s {tag}%(name)s: %(message)s", "%H:%M:%S"))
+    if jax.process_index() != 0:
+        logging.getLogger("jaxtune").setLevel(logging.WARNING)

@@ -71,3 +71,9 @@ class WorkdirBusy(JaxtuneError, RuntimeError):
     """Another live run holds the workdir's lock."""
 
     exit_code = FAILED
+
+
+class RuntimeJoinError(JaxtuneError, RuntimeError):
+    """The processes of a multi-process run could not form one runtime (no coordinator, a timeout)."""
+
+    exit_code = FAILED

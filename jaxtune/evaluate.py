@@ -31,7 +31,7 @@ def evaluate(
     from jaxtune.predict import logits_of
 
     kind = model.task.problem_type
-    target = classify.target_of(label_field, classify.Labels(model.task.labels, kind))
+    target = classify.target_of(label_field, model.task.space)
     texts, gold = [], []
     for record, origin in records:
         if not isinstance(record.get(text_field), str):
@@ -90,7 +90,7 @@ def main(argv=None) -> int:
     p.add_argument("--metric", action="append", default=[], help="extra metric, pkg.module:fn (repeatable)")
     p.add_argument("--output", help="write the metrics as JSON here too")
     p.add_argument("--plot", help="write the confusion matrix as a PNG here")
-    return cli.main(p, run, argv)
+    return cli.main(p, run, argv, multihost=True)
 
 
 if __name__ == "__main__":

@@ -15,15 +15,20 @@ import os
 import jax
 import numpy as np
 
-from jaxtune import metrics, plots
+from jaxtune import metrics, plots, sharding
 from jaxtune.data.loader import eval_batches
 
 log = logging.getLogger("jaxtune.train")
 
 
-def device_batch(batch: dict, shard) -> dict:
-    """A host batch (this process's rows) as global arrays sharded over the batch axes."""
-    return {k: jax.make_array_from_process_local_data(shard, v) for k, v in batch.items()}
+def device_batch(batch: dict, shard, global_rows: int | None = None) -> dict:
+    """A host batch (this process's rows: :func:`jaxtune.sharding.process_rows`) as global arrays of
+    ``global_rows`` rows (default: the host batch's, one process) sharded over the batch axes."""
+    out = {}
+    for k, v in batch.items():
+        shape = (global_rows or v.shape[0], *v.shape[1:])
+        out[k] = jax.make_array_from_process_local_data(shard, v, shape)
+    return out
 
 
 class LossEvaluator:
@@ -41,12 +46,13 @@ class LossEvaluator:
         return not last and bool(self.every) and step % self.every == 0
 
     def __call__(self, step: int, params, frozen) -> dict:
-        pid, nproc = jax.process_index(), jax.process_count()
         sums: dict[str, float] = {}
         seen, predicted = [], []
-        batches = eval_batches(self.rows, self.batch_size, self.max_batches, pid, nproc, self.multiple)
+        held = sharding.process_rows(self.batch_sharding, self.batch_size)
+        batches = eval_batches(self.rows, self.batch_size, self.max_batches, held, self.multiple)
         for batch in batches:
-            out = jax.device_get(self.eval_step(params, frozen, device_batch(batch, self.batch_sharding)))
+            batch = device_batch(batch, self.batch_sharding, self.batch_size)
+            out = jax.device_get(self.eval_step(params, frozen, batch))
             if "predictions" in out:
                 keep = out.pop("weights") > 0  # not the padding rows of the last batch
                 seen.append(out.pop("labels")[keep])

@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="output directory (new or empty)")
     p.add_argument("--overwrite", action="store_true", help="replace the model in a non-empty --out")
     p.add_argument("--dtype", default=None, choices=DTYPES, help="cast the weights (default: keep)")
-    return cli.main(p, export, argv)
+    return cli.main(p, export, argv, multihost=True)
 
 
 if __name__ == "__main__":

@@ -49,13 +49,17 @@ def samples_and_export(config, workdir: str, graphdef, params, frozen, tokenizer
         from jaxtune.generate import generate
 
         chat = getattr(tokenizer, "chat_template", None) is not None
-        with open(os.path.join(workdir, "samples.jsonl"), "w") as f:
-            for prompt in config.sample.prompts:
-                question = [{"role": "user", "content": prompt}] if chat else prompt
-                answer = generate(model, tokenizer, question, max_new_tokens=config.sample.max_new_tokens)
-                print(f"sample> {prompt}\n{answer}\n")
-                f.write(json.dumps({"prompt": prompt, "answer": answer}) + "\n")
-    if config.export.at_end and jax.process_index() == 0:
+        rows = []
+        for prompt in config.sample.prompts:  # every process generates (the model spans them all)
+            question = [{"role": "user", "content": prompt}] if chat else prompt
+            answer = generate(model, tokenizer, question, max_new_tokens=config.sample.max_new_tokens)
+            rows.append({"prompt": prompt, "answer": answer})
+        if jax.process_index() == 0:
+            with open(os.path.join(workdir, "samples.jsonl"), "w") as f:
+                for row in rows:
+                    print(f"sample> {row['prompt']}\n{row['answer']}\n")
+                    f.write(json.dumps(row) + "\n")
+    if config.export.at_end:  # every process: the tensors are gathered from all; process 0 writes
         out = os.path.join(workdir, "export")
         pretrained.save_pretrained(model, out, tokenizer=tokenizer, dtype=config.export.dtype or None)
         log.info("exported Hugging Face weights to %s", out)

@@ -54,6 +54,22 @@ def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def _blocks(read_one, shape: bool = False):
+    """A dequantised tensor, whole (quantised blocks cannot be sliced), cut to the block asked for.
+    The last tensor is kept: its shape is asked for just before it is read."""
+    last = {}
+
+    def whole(key):
+        if key not in last:
+            last.clear()
+            last[key] = read_one(key)
+        return last[key]
+
+    if shape:
+        return lambda key: whole(key).shape
+    return lambda key, index: whole(key) if index is None else whole(key)[index]
+
+
 def read(path: str):
     """(transformers config, lazily dequantized tensors under Hugging Face keys) of a GGUF file."""
     import gguf
@@ -81,7 +97,7 @@ def read(path: str):
                 w = _unpermute(w, kv_heads)
             return w
 
-        readers[key] = (path, read_one)
+        readers[key] = (path, _blocks(read_one), _blocks(read_one, shape=True))
     if unknown:
         raise ModelError(f"{path}: GGUF tensors jaxtune cannot map: {', '.join(unknown)}")
     tokens = _field(reader, "tokenizer.ggml.tokens")

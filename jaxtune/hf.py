@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 
@@ -27,19 +27,26 @@ log = logging.getLogger(__name__)
 
 
 class Tensors(Mapping):
-    """Checkpoint key -> array, read on access. ``source(key)`` names the file a key lives in."""
+    """Checkpoint key -> array, read on access; ``read(key, index)`` reads only a block (a tuple of
+    slices), ``shape(key)`` reads none. ``readers``: key -> (file, read(key, index or None), shape(key))."""
 
-    def __init__(self, readers: dict[str, tuple[str, Callable[[str], np.ndarray]]]):
+    def __init__(self, readers: dict[str, tuple]):
         self._readers = readers
 
     def __getitem__(self, key):
-        return self._readers[key][1](key)
+        return self._readers[key][1](key, None)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._readers)
 
     def __len__(self):
         return len(self._readers)
+
+    def read(self, key: str, index: tuple) -> np.ndarray:
+        return self._readers[key][1](key, index)
+
+    def shape(self, key: str) -> tuple:
+        return tuple(self._readers[key][2](key))
 
     def source(self, key: str) -> str:
         return self._readers[key][0]
@@ -48,9 +55,10 @@ class Tensors(Mapping):
 def _safetensors_readers(path: str) -> dict:
     from safetensors import SafetensorError, safe_open
 
-    def read(key, handle):
+    def read(key, index, handle):
         try:
-            return handle.get_tensor(key)
+            # A block comes straight from the memory-mapped file: only its bytes are read.
+            return handle.get_tensor(key) if index is None else handle.get_slice(key)[index]
         except SafetensorError as e:
             raise ModelError(f"{path}: tensor {key} cannot be read ({e}); download the file again") from e
 
@@ -59,7 +67,10 @@ def _safetensors_readers(path: str) -> dict:
         keys = list(handle.keys())
     except SafetensorError as e:  # a truncated or corrupt file fails here, on its header
         raise ModelError(f"{path}: not a readable safetensors file ({e}); download the file again") from e
-    return {key: (path, lambda k, h=handle: read(k, h)) for key in keys}
+    return {
+        key: (path, lambda k, i, h=handle: read(k, i, h), lambda k, h=handle: h.get_slice(k).get_shape())
+        for key in keys
+    }
 
 
 def _torch_readers(path: str) -> dict:
@@ -81,11 +92,11 @@ def _torch_readers(path: str) -> dict:
     except (RuntimeError, EOFError) as e:  # truncated or not a torch file at all
         raise ModelError(f"{path}: not a readable PyTorch checkpoint ({first_line(e)})") from e
 
-    def read(k, state=state):
-        t = state[k]
+    def read(k, index, state=state):
+        t = state[k] if index is None else state[k][index]
         return t.float().numpy() if t.dtype == torch.bfloat16 else t.numpy()
 
-    return {key: (path, read) for key in state}
+    return {key: (path, read, lambda k, state=state: tuple(state[k].shape)) for key in state}
 
 
 # transformers' order of preference in a model directory: a checkpoint found first is the one loaded,
@@ -157,9 +168,9 @@ def _candidates(key: str, family, cfg) -> list[str]:
 
 def state_from_hf(
     tensors: Mapping, family, cfg, table, shapes: dict[str, tuple], dtype, fresh=()
-) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield (our path, array) for every parameter in ``shapes``, built from checkpoint tensors through
-    ``table`` (the family's, for one task).
+) -> Iterator[tuple[str, LazyParam]]:
+    """Yield (our path, :class:`LazyParam`) for every parameter in ``shapes``, read from checkpoint
+    tensors through ``table`` (the family's, for one task) when its blocks are asked for.
 
     Parameters under ``layers.`` carry a leading layer axis and are assembled from ``{i}`` keys.
     Parameters in ``fresh`` (a new task head) may be absent; the caller initialises them. Checkpoint
@@ -209,18 +220,52 @@ def state_from_hf(
             continue
         per_layer = sources[path]
         inner = shape[1:] if path.startswith("layers.") else shape
-        parts = []
-        for layer in sorted(per_layer, key=lambda i: -1 if i is None else i):
-            key, tx = per_layer[layer]
-            arr = np.asarray(tensors[key])
-            if arr.shape != tx.hf_shape(inner):
+        for key, tx in per_layer.values():
+            got = tensors.shape(key) if hasattr(tensors, "shape") else np.shape(tensors[key])
+            if tuple(got) != tx.hf_shape(inner):
                 src = tensors.source(key) if hasattr(tensors, "source") else "checkpoint"
                 raise ModelError(
-                    f"{src}: tensor {key} has shape {tuple(arr.shape)}, but config.json implies "
+                    f"{src}: tensor {key} has shape {tuple(got)}, but config.json implies "
                     f"{tx.hf_shape(inner)}; the weights and config.json belong to different models"
                 )
-            parts.append(tx.to_ours(arr, inner).astype(dtype))
-        yield path, (np.stack(parts) if path.startswith("layers.") else parts[0])
+        yield path, LazyParam(tensors, shape, dtype, per_layer, path.startswith("layers."))
+
+
+def _block(shape: tuple, index) -> tuple:
+    """``index`` (what ``jax.make_array_from_callback`` asks for, or None: all) as concrete slices."""
+    if index is None:
+        return tuple(slice(0, d) for d in shape)
+    out = []
+    for sl, d in zip(index, shape, strict=True):
+        start, stop, step = sl.indices(d)
+        if step != 1:
+            raise ValueError(f"strided block {index} of a parameter of shape {shape}")
+        out.append(slice(start, stop))
+    return tuple(out)
+
+
+class LazyParam:
+    """One parameter as its checkpoint tensors, not yet read: ``read(index)`` reads the block
+    ``index`` only, from the layers it covers (a stacked ``[layers, ...]`` parameter is one checkpoint
+    tensor per layer). A host loading its shards thus reads its share of the checkpoint, not all of it."""
+
+    def __init__(self, tensors, shape: tuple, dtype, sources: dict, stacked: bool):
+        self.tensors, self.shape, self.dtype = tensors, tuple(shape), np.dtype(dtype)
+        self.sources, self.stacked = sources, stacked
+
+    def _one(self, key: str, tx, shape: tuple, index: tuple) -> np.ndarray:
+        if hasattr(self.tensors, "read"):
+            return tx.read(lambda hf_index: self.tensors.read(key, hf_index), shape, index)
+        return tx.to_ours(np.asarray(self.tensors[key]), shape)[index]
+
+    def read(self, index=None) -> np.ndarray:
+        index = _block(self.shape, index)
+        if not self.stacked:
+            key, tx = self.sources[None]
+            return self._one(key, tx, self.shape, index).astype(self.dtype)
+        layers = range(index[0].start, index[0].stop)
+        parts = [self._one(*self.sources[i], self.shape[1:], index[1:]).astype(self.dtype) for i in layers]
+        return np.stack(parts) if parts else np.zeros((0, *self.shape[1:]), self.dtype)
 
 
 def state_to_hf(state: Mapping[str, np.ndarray], table) -> Iterator[tuple[str, np.ndarray]]:
@@ -238,32 +283,53 @@ def state_to_hf(state: Mapping[str, np.ndarray], table) -> Iterator[tuple[str, n
 
 
 def write_safetensors(
-    out_dir: str, tensors: Iterator[tuple[str, np.ndarray]], max_shard_bytes=MAX_SHARD_BYTES
+    out_dir: str,
+    tensors: Iterator[tuple[str, np.ndarray]],
+    max_shard_bytes=MAX_SHARD_BYTES,
+    write: bool = True,
 ):
-    """Write model.safetensors, or numbered shards plus an index when they exceed ``max_shard_bytes``."""
+    """Write model.safetensors, or numbered shards plus an index when they exceed ``max_shard_bytes``.
+
+    Tensors stream in: each shard is written as soon as it is full, so the host holds one shard at a
+    time, never the model. ``write=False`` (a pod's other processes) consumes the stream, whose arrays
+    are gathered collectively, and writes nothing."""
     from safetensors.numpy import save_file
 
-    shards: list[dict] = [{}]
+    # transformers checks this metadata to know the tensors are in PyTorch layout.
+    meta = {"format": "pt"}
+    if write:
+        for name in stale_weight_files(out_dir):  # an older model's weights must not stay beside these
+            os.remove(os.path.join(out_dir, name))
+    written: list[tuple[str, list[str]]] = []  # (temporary file, its keys)
+    shard: dict = {}
     size = total = 0
+
+    def flush():
+        if write:
+            tmp = os.path.join(out_dir, f".shard-{len(written) + 1}.safetensors.tmp")
+            save_file(shard, tmp, metadata=meta)
+            written.append((tmp, list(shard)))
+        else:
+            written.append(("", []))
+
     for key, arr in tensors:
         arr = np.ascontiguousarray(arr)
         if size and size + arr.nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][key] = arr
+            flush()
+            shard, size = {}, 0
+        shard[key] = arr
         size += arr.nbytes
         total += arr.nbytes
-    # transformers checks this metadata to know the tensors are in PyTorch layout.
-    meta = {"format": "pt"}
-    for name in stale_weight_files(out_dir):  # an older model's weights must not stay beside these
-        os.remove(os.path.join(out_dir, name))
-    if len(shards) == 1:
-        save_file(shards[0], os.path.join(out_dir, SAFETENSORS), metadata=meta)
+    flush()
+    if not write:
+        return
+    if len(written) == 1:
+        os.replace(written[0][0], os.path.join(out_dir, SAFETENSORS))
         return
     weight_map = {}
-    for n, shard in enumerate(shards, 1):
-        name = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, os.path.join(out_dir, name), metadata=meta)
-        weight_map.update({key: name for key in shard})
+    for n, (tmp, keys) in enumerate(written, 1):
+        name = f"model-{n:05d}-of-{len(written):05d}.safetensors"
+        os.replace(tmp, os.path.join(out_dir, name))
+        weight_map.update(dict.fromkeys(keys, name))
     with open(os.path.join(out_dir, SAFETENSORS_INDEX), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)

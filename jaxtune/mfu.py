@@ -18,9 +18,9 @@ import jax.numpy as jnp
 # Dense bfloat16 peak per chip, by device_kind substring (first match wins).
 PEAK_FLOPS = (
     ("v6", 918e12),
-    ("v5p", 459e12),
-    ("v5 lite", 197e12),
+    ("v5 lite", 197e12),  # v5e reports itself as "TPU v5 lite"
     ("v5e", 197e12),
+    ("v5", 459e12),  # v5p reports itself as "TPU v5"
     ("v4", 275e12),
     ("h200", 989e12),
     ("h100", 989e12),
@@ -43,6 +43,12 @@ def measured_cpu_flops(n: int = 2048, repeats: int = 5) -> float:
     return 2.0 * n**3 / best
 
 
+def datasheet_peak(device_kind: str) -> float:
+    """The dense bfloat16 peak of a chip by its ``device_kind``; 0 when the table does not know it."""
+    kind = device_kind.lower()
+    return next((flops for key, flops in PEAK_FLOPS if key in kind), 0.0)
+
+
 def peak_is_measured(override_tflops: float = 0.0) -> bool:
     """Whether :func:`peak_flops_per_device` measures the peak (a CPU) rather than reading a datasheet."""
     return not override_tflops and jax.devices()[0].platform == "cpu"
@@ -53,10 +59,9 @@ def peak_flops_per_device(override_tflops: float = 0.0) -> float:
     if override_tflops:
         return override_tflops * 1e12
     device = jax.devices()[0]
-    kind = device.device_kind.lower()
-    for key, flops in PEAK_FLOPS:
-        if key in kind:
-            return flops
+    flops = datasheet_peak(device.device_kind)
+    if flops:
+        return flops
     if device.platform == "cpu":
         return measured_cpu_flops() / jax.local_device_count()  # forced host devices share the cores
     return 0.0

@@ -2,6 +2,15 @@
 the batch shapes, the optimizer and which parameters train, built from the config and a mesh without
 allocating a parameter.
 
+As a command, whether a config fits a TPU topology, from a CPU machine (see :mod:`jaxtune.aot`)::
+
+    python -m jaxtune.plan --config configs/llama3_8b.py --topology v5p-32 [--num_slices N] [--json]
+
+It compiles the real train step for the topology with the TPU compiler (``pip install -e '.[tpu]'``),
+allocating nothing, and prints the memory per device against the chip's HBM, the FLOPs per step and
+the step time at 40% and 60% MFU. Exit status 0 when it fits, 1 when it does not. ``--topology cpu:N``
+plans for N host devices and needs no TPU compiler. Topology names: see the README's table.
+
 Training *materialises* a plan (weights loaded straight into their shards, or initialised in ``jit``)
 and compiles the step the plan declares; an ahead-of-time compile for a TPU topology lowers the same
 step from the same plan on the topology's abstract devices. Nothing about the step is written twice.
@@ -10,6 +19,9 @@ step from the same plan on the topology's abstract devices. Nothing about the st
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +30,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jaxtune import optim, pretrained, sharding, steps
+from jaxtune.config import validate
 from jaxtune.errors import ConfigError, TrainingError
 from jaxtune.models import heads, presets
 from jaxtune.models.layers import CallOptions
@@ -30,20 +43,15 @@ def mesh_rules(config) -> tuple:
 
 
 def _label_kwargs(labels) -> dict:
-    """A classifier's label space (:class:`jaxtune.data.classify.Labels`) as load_pretrained's keywords."""
+    """A classifier's label space (:class:`jaxtune.models.heads.Labels`) as load_pretrained's keywords."""
     if labels is None:
         return {}
-    out = {"problem_type": labels.problem_type}
-    if labels.names:
-        out["id2label"] = list(labels.names)
-    else:
-        out["num_labels"] = labels.num_labels
-    return out
+    return {"problem_type": labels.problem_type, "id2label": list(labels.names)}
 
 
 def load_model(config, mesh, rules, labels=None):
     """The model of ``config.model.path`` (a preset name: random init) in ``param_dtype``, in its shards;
-    a classifier gets ``labels`` (a :class:`jaxtune.data.classify.Labels`) as its id2label and
+    a classifier gets ``labels`` (a :class:`jaxtune.models.heads.Labels`) as its id2label and
     problem_type."""
     c = config.model
     kwargs = dict(task=c.task, seed=config.train.seed, mesh=mesh, rules=rules) | _label_kwargs(labels)
@@ -250,3 +258,54 @@ def plan(
         eval_step,
         bool(getattr(spec.cfg, "type_vocab_size", 0)) if token_types is None else token_types,
     )
+
+
+def _force_host_devices(argv) -> None:
+    """``--topology cpu:N`` needs N host devices, which XLA creates only if told before it starts."""
+    args = list(argv)
+    names = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--topology"]
+    names += [a.split("=", 1)[1] for a in args if a.startswith("--topology=")]
+    for name in names:
+        if name.strip().lower().startswith("cpu:") and name.split(":", 1)[1].isdigit():
+            flag = f"--xla_force_host_platform_device_count={int(name.split(':', 1)[1])}"
+            flags = [
+                f for f in os.environ.get("XLA_FLAGS", "").split() if "host_platform_device_count" not in f
+            ]
+            os.environ["XLA_FLAGS"] = " ".join([*flags, flag])
+            os.environ.setdefault("JAX_PLATFORMS", "cpu")  # no accelerator plugin is asked for its chips
+
+
+def _run(args) -> None:
+    from jaxtune import aot, topology
+
+    config = args.config
+    where = topology.parse(args.topology, args.num_slices)
+    devices = topology.devices(where)
+    validate(config, len(devices))
+    labels = None
+    if config.model.task in heads.CLASSIFICATION:
+        from jaxtune.data import training_labels
+
+        labels = training_labels(config)
+    mesh = sharding.make_mesh(config, devices)
+    result = aot.report(config, where, devices, plan(config, mesh, config.train.max_steps or 1, labels))
+    print(json.dumps(result.as_dict(), indent=2) if args.json else result.table(), flush=True)
+    if not result.fits:
+        raise aot.DoesNotFit(result.advice())
+
+
+def main(argv=None) -> int:
+    from jaxtune import cli
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    _force_host_devices(argv)
+    p = cli.parser("plan", __doc__)
+    p.add_argument("--config", required=True, metavar="configs/X.py[:arg]", help="the run's config file")
+    p.add_argument("--topology", required=True, help="v5p-32, v6e-256, v5litepod-16, v5p:2x2x4, cpu:8, ...")
+    p.add_argument("--num_slices", type=int, default=1, help="slices joined over the data-center network")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    return cli.main(p, _run, argv, with_config=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -107,16 +107,19 @@ def _build(fam, cfg, task: heads.Task, tensors, dtype, seed: int, new_head: bool
     head parameters the checkpoint does not have (seeded, as transformers initialises them).
 
     With a ``mesh``, each parameter goes straight into its shards (``rules`` map logical axis names to
-    mesh axes): the host holds one parameter at a time (a stacked ``[layers, ...]`` one whole), never a
-    replicated copy of the model."""
+    mesh axes): each device's block is read from the checkpoint alone (per layer of a stacked
+    ``[layers, ...]`` parameter), so a host reads and holds its devices' share of the model, never all
+    of it."""
     abstract = nnx.eval_shape(lambda: fam.MODEL(cfg, task, rngs=nnx.Rngs(seed), dtype=dtype))
     graphdef, state = nnx.split(abstract)
     by_name = _by_path(state)
 
-    def place(path, arr):
+    def place(path, value):  # a checkpoint's LazyParam, or a freshly initialised head's array
+        lazy = isinstance(value, hf.LazyParam)
         if mesh is None:
-            return jnp.asarray(arr)
-        return sharding.put(np.asarray(arr), sharding.param_sharding(by_name[path], mesh, rules))
+            return jnp.asarray(value.read() if lazy else value)
+        where = sharding.param_sharding(by_name[path], mesh, rules)
+        return sharding.put_blocks(value, where) if lazy else sharding.put(np.asarray(value), where)
 
     shapes = {path: var.shape for path, var in by_name.items()}
     fresh_heads = fam.MODEL.make_head(cfg, task, rngs=nnx.Rngs(seed), dtype=dtype)
@@ -181,7 +184,7 @@ def resolve_task(
     problem_type = (
         problem_type or getattr(hf_config, "problem_type", None) or heads.default_problem_type(labels)
     )
-    return heads.Task(name, labels, problem_type)
+    return heads.Task(name, heads.Labels(labels, problem_type))
 
 
 def load_pretrained(
@@ -325,16 +328,46 @@ def write_config(model, out_dir, dtype: str, tokenizer=None) -> None:
         tokenizer.save_pretrained(out_dir)
 
 
+class _OnHost:
+    """One parameter on its way to the host, whole (``np.asarray``) or a layer at a time (``[i]``):
+    gathered from every process when its shards span several (a pod), so an export holds one tensor
+    at a time, never the model."""
+
+    def __init__(self, value, dtype=None):
+        self.value, self.dtype, self.shape = value, dtype, value.shape
+
+    def _host(self, x) -> np.ndarray:
+        if not x.is_fully_addressable:
+            from jax.experimental import multihost_utils
+
+            x = multihost_utils.process_allgather(x, tiled=True)
+        arr = np.asarray(jax.device_get(x))
+        return arr.astype(self.dtype) if self.dtype is not None else arr
+
+    def __getitem__(self, i) -> np.ndarray:
+        return self._host(self.value[i])
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        arr = self._host(self.value)
+        return arr if dtype is None else arr.astype(dtype)
+
+
 def save_pretrained(model, out_dir, tokenizer=None, dtype=None, max_shard_bytes=hf.MAX_SHARD_BYTES):
     """Write config.json + safetensors (sharded with an index above 5 GB) + tokenizer files, so that
-    ``transformers.AutoModelFor<Task>.from_pretrained(out_dir)`` loads it with no missing keys."""
+    ``transformers.AutoModelFor<Task>.from_pretrained(out_dir)`` loads it with no missing keys.
+
+    Tensor by tensor (a layer of a stacked parameter at a time), each shard written when it is full.
+    On a pod every process calls it (the tensors are gathered collectively) and process 0 writes."""
     cfg, task = model.cfg, model.task
     fam = family(cfg.model_type, "model")
-    state = model_state(model)
-    if dtype is not None:
-        state = {k: v.astype(jnp.dtype(dtype)) for k, v in state.items()}
-    write_config(model, out_dir, str(jnp.dtype(next(iter(state.values())).dtype)), tokenizer)
-    hf.write_safetensors(out_dir, hf.state_to_hf(state, fam.hf_table(cfg, task)), max_shard_bytes)
+    params = {path: v.get_value() for path, v in _by_path(nnx.state(model, nnx.Param)).items()}
+    cast = jnp.dtype(dtype) if dtype is not None else None
+    saved = cast or next(iter(params.values())).dtype
+    main = jax.process_index() == 0
+    if main:
+        write_config(model, out_dir, str(jnp.dtype(saved)), tokenizer)
+    state = {path: _OnHost(value, cast) for path, value in params.items()}
+    hf.write_safetensors(out_dir, hf.state_to_hf(state, fam.hf_table(cfg, task)), max_shard_bytes, write=main)
     return out_dir
 
 

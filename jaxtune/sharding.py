@@ -12,19 +12,42 @@ import logging
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxtune.config import MESH_AXES, mesh_shape
+from jaxtune.errors import ConfigError
 from jaxtune.logical import named
 
 log = logging.getLogger(__name__)
 
 
+def num_slices(devices) -> int:
+    """How many TPU slices the devices span (joined over the data-center network); 1 elsewhere."""
+    return len({getattr(d, "slice_index", 0) for d in devices})
+
+
 def make_mesh(config, devices=None) -> Mesh:
-    """The ``(data, fsdp, tensor)`` mesh of ``config.mesh`` over all devices (one size may be -1)."""
-    devices = jax.devices() if devices is None else devices
+    """The ``(data, fsdp, tensor)`` mesh of ``config.mesh`` over all devices (one size may be -1),
+    laid out along the physical topology: neighbouring mesh positions are neighbouring chips, so the
+    inner axes' collectives stay on the fastest links. Across several slices, ``data`` is split
+    between them (only its gradient all-reduce crosses the slower data-center network)."""
+    devices = jax.devices() if devices is None else list(devices)
     sizes = mesh_shape(config, len(devices))
-    grid = np.asarray(devices).reshape([sizes[a] for a in MESH_AXES])
+    shape = [sizes[a] for a in MESH_AXES]
+    slices = num_slices(devices)
+    if slices == 1:
+        grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+    else:
+        if sizes["data"] % slices:
+            raise ConfigError(
+                f"config key mesh.data = {sizes['data']}: the devices span {slices} slices, and only the "
+                f"data axis crosses between them; make mesh.data a multiple of {slices}"
+            )
+        within = [sizes["data"] // slices, sizes["fsdp"], sizes["tensor"]]
+        grid = mesh_utils.create_hybrid_device_mesh(
+            within, [slices, 1, 1], devices, allow_split_physical_axes=True
+        )
     return Mesh(grid, MESH_AXES)
 
 
@@ -54,9 +77,32 @@ def put(arr: np.ndarray, sharding) -> jax.Array:
     return jax.make_array_from_callback(arr.shape, sharding, lambda index: arr[index])
 
 
+def put_blocks(source, sharding) -> jax.Array:
+    """A global array whose devices' blocks are read by ``source.read(index)`` (shape ``source.shape``):
+    each process reads only what its devices hold, a block that several devices hold once."""
+    read: dict = {}
+
+    def block(index):
+        key = tuple((s.start, s.stop, s.step) for s in index)
+        if key not in read:
+            read[key] = source.read(index)
+        return read[key]
+
+    return jax.make_array_from_callback(source.shape, sharding, block)
+
+
 def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
     """Batch arrays (any rank): the leading dimension over the ``batch`` rule's axes (data x fsdp)."""
     return NamedSharding(mesh, PartitionSpec(dict(rules).get("batch")))
+
+
+def process_rows(shard: NamedSharding, batch_size: int) -> np.ndarray:
+    """The rows of a global batch of ``batch_size`` that this process's devices hold, in order: the
+    rows it loads and feeds (``jax.make_array_from_process_local_data``). On one process, all."""
+    held = set()
+    for index in shard.addressable_devices_indices_map((batch_size,)).values():
+        held.update(range(batch_size)[index[0]])
+    return np.asarray(sorted(held), np.int64)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

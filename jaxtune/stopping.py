@@ -7,6 +7,9 @@ checkpoint and status 128 + the signal's number: a run stuck in a step or a save
 Python runs signal handlers only in the main thread and only between bytecodes, so a main thread stuck
 inside XLA or Orbax would never see the second signal. The signals are therefore also written to a pipe
 (``signal.set_wakeup_fd``) that a watcher thread reads: it counts them whatever the main thread is doing.
+
+On a pod, the signal may reach one host only (a maintenance event): every step, the processes agree on
+whether any of them was asked to stop, so all of them save the same step and exit together.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import os
 import signal
 import sys
 import threading
+
+import numpy as np
 
 log = logging.getLogger("jaxtune.train")
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -113,6 +118,20 @@ class StopSignals:
             flush=True,
         )
         os._exit(128 + signum)
+
+    def agreed(self) -> str | None:
+        """The stop every process of the run takes at this step: the signal any of them received, or
+        None. Called by all processes at the same step, so that a SIGTERM to one host makes every
+        host save the same step (one small all-gather a step when there are several processes)."""
+        import jax
+
+        if jax.process_count() == 1:
+            return self.requested
+        from jax.experimental import multihost_utils
+
+        mine = signal.Signals[self.requested].value if self.requested else 0
+        got = int(np.max(multihost_utils.process_allgather(np.int32(mine))))
+        return signal.Signals(got).name if got else None
 
     def __exit__(self, *exc):
         if self._pipe is not None:

@@ -22,7 +22,6 @@ from flax import nnx
 from jaxtune import checkpoint, cli, data, evaluators, finish, mfu, optim, pretrained, sharding, steps
 from jaxtune.best import BestTracker
 from jaxtune.config import validate
-from jaxtune.data.classify import label_map
 from jaxtune.data.loader import Batches
 from jaxtune.errors import ConfigError, TrainingError
 from jaxtune.logical import activation_sharding
@@ -53,24 +52,13 @@ def load_tokenizer(config):
     return tokenizer
 
 
-def training_labels(config):
-    """A classifier's label space, read from the training split alone (None for other tasks)."""
-    if config.data.format != "classification":
-        return None
-    records = [r for group in data.train_groups(config.data) for r in group]
-    labels = label_map(records, config.data.label_field, config.model.problem_type)
-    names = ", ".join(labels.names) or "a value"
-    log.info("%s, %d label(s) from the training data: %s", labels.problem_type, labels.num_labels, names)
-    return labels
-
-
 def run(config, workdir: str, stop_after: int | None = None, devices=None, labels=None) -> dict:
     """Train as ``config`` says, in ``workdir``; returns the last train and eval losses and the step
     (with ``stopped``: the signal that stopped it).
 
     ``stop_after`` ends the run after that many steps in total (with a checkpoint), as a preemption
     would: a later run on the same workdir continues it. ``devices`` (default: all) carry the mesh.
-    ``labels``: a classifier's label space (:class:`jaxtune.data.classify.Labels`) when it is not to be
+    ``labels``: a classifier's label space (:class:`jaxtune.models.heads.Labels`) when it is not to be
     read from the training records (cross-validation fixes one for every fold).
     """
     devices = jax.devices() if devices is None else list(devices)
@@ -88,7 +76,7 @@ class Run:
         c = config.train
         mesh = sharding.make_mesh(config, devices)
         self.tokenizer = load_tokenizer(config)
-        self.labels = labels if labels is not None else training_labels(config)
+        self.labels = labels if labels is not None else data.training_labels(config)
         spec = model_spec(config, self.labels)
         if spec.cfg.vocab_size < len(self.tokenizer):
             raise ConfigError(
@@ -99,13 +87,12 @@ class Run:
         # The weights load before the data are tokenized: a damaged checkpoint is found in seconds.
         model = load_model(config, mesh, mesh_rules(config), self.labels)
         train_rows, self.eval_rows = data.load(config.data, self.tokenizer, c.seed, self.labels)
-        pid, nproc = jax.process_index(), jax.process_count()
+        pid = jax.process_index()
         self.batches = Batches(
             train_rows,
             c.batch_size,
             c.seed,
-            pid,
-            nproc,
+            sharding.process_rows(sharding.batch_sharding(mesh, mesh_rules(config)), c.batch_size),
             weights=config.data.weights,
             pad_to_multiple_of=config.data.pad_to_multiple_of,
         )
@@ -206,7 +193,8 @@ class Run:
                 self.state, step_metrics = parts.compiled(batch)(self.state, self.frozen, batch)
                 step += 1
                 last = step == total
-                stopping = bool(stop.requested) or (stop_after is not None and step >= stop_after)
+                signalled = stop.agreed()
+                stopping = bool(signalled) or (stop_after is not None and step >= stop_after)
                 save_now = parts.policy.due(step, stopping)
                 eval_now = parts.evaluator is not None and parts.evaluator.due(step, last)
                 parts.measure(step, step_metrics, batch, flush=save_now or eval_now)
@@ -219,8 +207,8 @@ class Run:
                     finished = True
                     break
                 if stopping:
-                    if stop.requested:
-                        summary["stopped"] = stop.requested  # a caller (crossval) stops too
+                    if signalled:
+                        summary["stopped"] = signalled  # a caller (crossval) stops too
                     parts.ckpt.wait()  # inside the signal watch: a save that hangs can still be ended
                     log.info(
                         "stopped at step %d with a checkpoint; rerun on %s to continue", step, self.workdir
@@ -263,7 +251,9 @@ class _Parts:
         self.running = None  # the last step's metrics: a new compile waits for that step to end
 
     def next_batch(self) -> dict:
-        return evaluators.device_batch(next(self.run.batches), self.run.plan.batch_sharding)
+        run = self.run
+        rows = run.config.train.batch_size
+        return evaluators.device_batch(next(run.batches), run.plan.batch_sharding, rows)
 
     def compiled(self, batch: dict):
         """The train step compiled for this batch's row length, from the plan's declaration."""
@@ -331,7 +321,7 @@ def _merged(graphdef, state, frozen):
 def main(argv=None) -> int:
     p = cli.parser("train", __doc__)
     cli.add_run_arguments(p)
-    return cli.main(p, lambda args: run(args.config, args.workdir), argv, with_config=True)
+    return cli.main(p, lambda args: run(args.config, args.workdir), argv, with_config=True, multihost=True)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import os
 import socket
 import time
 
-from jaxtune.errors import WorkdirBusy
+from jaxtune.errors import UsageError, WorkdirBusy
 
 LOCK_NAME = ".lock"
 log = logging.getLogger(__name__)
@@ -25,6 +25,13 @@ class Lock:
     """``with Lock(workdir):`` holds the workdir for the block, or raises WorkdirBusy naming the holder."""
 
     def __init__(self, workdir: str, enabled: bool = True):
+        if "://" in workdir:
+            # Orbax could write there, but the metrics, config, lock and export are plain files.
+            raise UsageError(
+                f"--workdir {workdir}: URLs are not supported yet; on a pod, mount the bucket on every "
+                "worker (tpu_scripts/setup.sh --bucket NAME mounts gs://NAME at /mnt/NAME with gcsfuse) "
+                "and pass the mounted path"
+            )
         self.path = os.path.join(os.path.abspath(workdir), LOCK_NAME)
         self.enabled = enabled
         self._fd = None

@@ -43,6 +43,7 @@ E2E = {
     "test_smollm2",
     "test_minilm",
     "test_predict",
+    "test_multihost",
 }
 
 

@@ -207,8 +207,8 @@ def test_resume_mid_epoch_gives_the_same_batches():
 def test_two_processes_read_disjoint_shares_that_cover_each_batch():
     rows = _rows()
     whole = Batches(rows, 8, seed=1)
-    p0 = Batches(rows, 8, seed=1, process_index=0, process_count=2)
-    p1 = Batches(rows, 8, seed=1, process_index=1, process_count=2)
+    p0 = Batches(rows, 8, seed=1, rows=np.arange(0, 4))
+    p1 = Batches(rows, 8, seed=1, rows=np.arange(4, 8))
     for _ in range(9):
         a, b, w = next(p0)["input_ids"], next(p1)["input_ids"], next(whole)["input_ids"]
         assert a.shape == b.shape == (4, 8)
@@ -292,6 +292,28 @@ def test_classification_errors_name_the_record(tmp_path):
     assert f"{path}:1" in str(e.value) and "'neutral'" in str(e.value) and "training labels" in str(e.value)
     with pytest.raises(data.DataError, match=f"{path}:2.*no text"):
         classification_rows(sources.read(str(path))[1:], tok, data_config(), labels)
+
+
+def test_one_label_space_type_serves_the_data_and_the_model(tmp_path):
+    """The data's label space is the model task's: a regression is one value named as transformers
+    names it, and a task checks that it has a space exactly when it classifies."""
+    from jaxtune.data.classify import label_map
+    from jaxtune.errors import ModelError
+    from jaxtune.models import heads
+
+    path = tmp_path / "r.jsonl"
+    path.write_text("\n".join(json.dumps({"text": t, "label": v}) for t, v in [("a", 0.5), ("b", 2)]))
+    space = label_map(sources.read(str(path)))
+    assert space == heads.Labels(("LABEL_0",), heads.REGRESSION) and space.num_labels == 1
+    task = heads.Task("sequence_classification", space)
+    assert (task.labels, task.problem_type, task.num_labels) == (("LABEL_0",), heads.REGRESSION, 1)
+    assert heads.Task().labels == () and heads.Task().problem_type == ""
+    with pytest.raises(ModelError, match="needs a label space"):
+        heads.Task("token_classification")
+    with pytest.raises(ModelError, match="takes no labels"):
+        heads.Task("causal_lm", space)
+    with pytest.raises(ModelError, match="problem_type 'binary'"):
+        heads.Labels(("a", "b"), "binary")
 
 
 def test_mixture_weights_sample_each_source_in_proportion(tmp_path):

@@ -168,7 +168,7 @@ def test_the_plan_allocates_nothing_and_matches_the_materialised_state(text_file
     from jaxtune.pretrained import byte_tokenizer
 
     rows, _ = data.load(config.data, byte_tokenizer(), 0)
-    batch = device_batch(next(Batches(rows, 8, 0, 0, 1)), p.batch_sharding)
+    batch = device_batch(next(Batches(rows, 8, 0)), p.batch_sharding)
     p.check_batch(batch)
     new_state, metrics = p.lower(32).compile()(state, frozen, batch)
     assert int(new_state["step"]) == 1 and np.isfinite(float(metrics["loss"]))
@@ -178,7 +178,7 @@ def test_a_classifier_plan_declares_labels_and_weights(text_file):
     config = tiny_config(
         text_file, **{"model.task": "sequence_classification", "data.format": "classification"}
     )
-    from jaxtune.data.classify import Labels
+    from jaxtune.models.heads import Labels
 
     labels = Labels(("a", "b", "c"))
     spec = model_spec(config, labels)
@@ -258,8 +258,8 @@ def test_the_attention_op_takes_queries_shorter_than_keys_in_every_implementatio
 def test_a_classifier_evaluator_scores_the_real_rows_and_writes_its_confusion_matrix(tmp_path):
     import json
 
-    from jaxtune.data.classify import Labels
     from jaxtune.evaluators import ClassifierEvaluator
+    from jaxtune.models.heads import Labels
 
     labels = np.array([0, 1, 1, 0, 1], np.int32)
     rows = {

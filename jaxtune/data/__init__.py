@@ -338,3 +338,16 @@ def to_batch(rows: dict) -> dict[str, np.ndarray]:
         batch["segment_ids"] = seg[:, :-1].astype(np.int32)
     batch["loss_mask"] = keep.astype(np.float32)
     return batch
+
+
+def training_labels(config):
+    """A classifier's label space, read from the training split alone (None for other tasks)."""
+    from jaxtune.data.classify import REGRESSION, label_map
+
+    if config.data.format != "classification":
+        return None
+    records = [r for group in train_groups(config.data) for r in group]
+    labels = label_map(records, config.data.label_field, config.model.problem_type)
+    names = "one value per example" if labels.problem_type == REGRESSION else ", ".join(labels.names)
+    log.info("%s, %d label(s) from the training data: %s", labels.problem_type, labels.num_labels, names)
+    return labels

@@ -16,7 +16,6 @@ A label at eval time that training never saw is an error naming its record.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 
 import numpy as np
@@ -27,18 +26,7 @@ from jaxtune.models import heads
 log = logging.getLogger(__name__)
 
 SINGLE, MULTI, REGRESSION = heads.SINGLE_LABEL, heads.MULTI_LABEL, heads.REGRESSION
-
-
-@dataclasses.dataclass(frozen=True)
-class Labels:
-    """The label space of a run: label names by id (none for regression) and the problem type."""
-
-    names: tuple[str, ...]
-    problem_type: str = SINGLE
-
-    @property
-    def num_labels(self) -> int:
-        return len(self.names) if self.problem_type != REGRESSION else 1
+Labels = heads.Labels  # the one label-space type, shared with the models' tasks
 
 
 def _raw(record: dict, field: str, origin: str):
@@ -86,13 +74,13 @@ def problem_type(recs, field: str = "label") -> str:
     return SINGLE
 
 
-def label_map(recs, field: str = "label", kind: str = "") -> Labels:
+def label_map(recs, field: str = "label", kind: str = "") -> heads.Labels:
     """The label space of the training records (``kind``: a problem type, or "" to infer it)."""
     kind = kind or problem_type(recs, field)
     if kind == REGRESSION:
         for r, origin in recs:
             _number(_raw(r, field, origin), origin)
-        return Labels((), REGRESSION)
+        return heads.ONE_VALUE
     if kind == MULTI:
         names = set()
         for r, origin in recs:
@@ -103,10 +91,10 @@ def label_map(recs, field: str = "label", kind: str = "") -> Labels:
     if not names:
         raise DataError(f"the training data have no labels in field {field!r}; add labelled records")
     numeric = all(n.lstrip("-").isdigit() for n in names)
-    return Labels(tuple(sorted(names, key=int) if numeric else sorted(names)), kind)
+    return heads.Labels(tuple(sorted(names, key=int) if numeric else sorted(names)), kind)
 
 
-def target_of(field: str, labels: Labels):
+def target_of(field: str, labels: heads.Labels):
     """``record, origin -> label`` as the rows keep it: an id, a 0/1 vector or a value."""
     ids = {name: i for i, name in enumerate(labels.names)}
 
@@ -132,7 +120,7 @@ def target_of(field: str, labels: Labels):
     return target
 
 
-def classification_rows(recs, tokenizer, c, labels: Labels) -> dict[str, np.ndarray]:
+def classification_rows(recs, tokenizer, c, labels: heads.Labels) -> dict[str, np.ndarray]:
     """Rows of ``c.seq_len`` tokens (truncated ones are counted in the log) and their labels."""
     target = target_of(c.label_field, labels)
     texts, pairs, targets = [], [], []

@@ -15,8 +15,9 @@ log = logging.getLogger(__name__)
 
 class Batches:
     """Training batches: each epoch a fresh seeded permutation of the rows cut into global batches (the
-    remainder sits out, a different set each epoch); this process gets rows
-    ``[process_index * share, (process_index + 1) * share)`` of every global batch. With several
+    remainder sits out, a different set each epoch); this process gets the rows ``rows`` (positions
+    in the global batch: those its devices hold, :func:`jaxtune.sharding.process_rows`; default all)
+    of every global batch. With several
     ``parts`` and their ``weights``, each row is drawn from a part with its weight (each part reshuffled
     on every pass through it).
 
@@ -32,8 +33,7 @@ class Batches:
         parts,
         batch_size: int,
         seed: int,
-        process_index: int = 0,
-        process_count: int = 1,
+        rows=None,
         weights=(),
         threads: int = 2,
         pad_to_multiple_of: int = 0,
@@ -47,8 +47,7 @@ class Batches:
                 f"the training data has {n} rows, fewer than one batch of train.batch_size={batch_size}; "
                 "add data or lower the batch size"
             )
-        share = batch_size // process_count
-        mine = slice(process_index * share, (process_index + 1) * share)
+        mine = np.arange(batch_size) if rows is None else np.asarray(rows)
         if len(parts) == 1:
             if n % batch_size:
                 log.info("%d of %d rows sit out each epoch (a different set each epoch)", n % batch_size, n)
@@ -103,22 +102,20 @@ def eval_batches(
     rows: dict,
     batch_size: int,
     max_batches: int = 0,
-    process_index: int = 0,
-    process_count: int = 1,
+    rows_held=None,
     pad_to_multiple_of: int = 0,
 ):
     """Every eval row once, in order; the last batch is padded with empty rows (no loss) so that every
     batch has the same shape and the eval step compiles once (once per length with
-    ``pad_to_multiple_of``: see :func:`jaxtune.data.trim`)."""
+    ``pad_to_multiple_of``: see :func:`jaxtune.data.trim`). ``rows_held``: the positions of a batch
+    this process feeds (default all)."""
     n = size(rows)
     count = -(-n // batch_size)
     if max_batches:
         count = min(count, max_batches)
-    share = batch_size // process_count
+    mine = np.arange(batch_size) if rows_held is None else np.asarray(rows_held)
     for b in range(count):
-        index = np.arange(b * batch_size, (b + 1) * batch_size)[
-            process_index * share : (process_index + 1) * share
-        ]
+        index = b * batch_size + mine
         real = index < n
         part = take(rows, np.where(real, index, 0))
         part = {

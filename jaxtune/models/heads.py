@@ -34,24 +34,52 @@ ARCHITECTURE_SUFFIX = {
 
 
 @dataclasses.dataclass(frozen=True)
+class Labels:
+    """A classifier's label space: label names by id (id2label) and the problem type. A regression
+    has one name per output value (``LABEL_0`` for one value, as transformers names it). Hashable, so a
+    task holding it can sit in a module's static structure."""
+
+    names: tuple[str, ...]
+    problem_type: str = SINGLE_LABEL
+
+    def __post_init__(self):
+        if not self.names:
+            raise ModelError("a classification task needs at least one label (num_labels >= 1)")
+        if len(set(self.names)) != len(self.names):
+            raise ModelError(f"id2label has repeated label names: {list(self.names)}")
+        if self.problem_type not in PROBLEM_TYPES:
+            raise ModelError(f"problem_type {self.problem_type!r} is not one of {', '.join(PROBLEM_TYPES)}")
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.names)
+
+
+ONE_VALUE = Labels(("LABEL_0",), REGRESSION)  # a regression on one number per example
+
+
+@dataclasses.dataclass(frozen=True)
 class Task:
-    """What a model outputs. ``labels`` are the label names by id (id2label); hashable, so it can sit in
-    a module's static structure."""
+    """What a model outputs: the task's name and, for a classifier, its label space."""
 
     name: str = "causal_lm"
-    labels: tuple = ()
-    problem_type: str = ""
+    space: Labels | None = None
 
     def __post_init__(self):
         if self.name not in TASKS:
             raise ModelError(f"unknown task {self.name!r}; use one of {', '.join(TASKS)}")
-        if self.name in CLASSIFICATION:
-            if not self.labels:
-                raise ModelError(f"task {self.name} needs at least one label (num_labels >= 1)")
-            if self.problem_type not in PROBLEM_TYPES:
-                raise ModelError(
-                    f"problem_type {self.problem_type!r} is not one of {', '.join(PROBLEM_TYPES)}"
-                )
+        if (self.name in CLASSIFICATION) != (self.space is not None):
+            need = "needs a label space" if self.name in CLASSIFICATION else "takes no labels"
+            raise ModelError(f"task {self.name} {need}")
+
+    @property
+    def labels(self) -> tuple:
+        """Label names by id; empty for a task without labels."""
+        return self.space.names if self.space else ()
+
+    @property
+    def problem_type(self) -> str:
+        return self.space.problem_type if self.space else ""
 
     @property
     def num_labels(self) -> int:

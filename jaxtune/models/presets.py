@@ -80,6 +80,20 @@ PRESETS = {
     ),
 }
 
+# Llama-3.1-70B: Llama-3-70B's shapes with the llama3 rotary scaling to a 128k context.
+PRESETS["llama3.1-70b"] = dict(
+    PRESETS["llama3-70b"],
+    max_position_embeddings=131072,
+    rope_parameters=dict(
+        rope_type="llama3",
+        rope_theta=500000.0,
+        factor=8.0,
+        low_freq_factor=1.0,
+        high_freq_factor=4.0,
+        original_max_position_embeddings=8192,
+    ),
+)
+
 
 def hf_config(name: str):
     """The transformers config object of a preset."""

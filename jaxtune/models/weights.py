@@ -31,6 +31,28 @@ class Transform:
     def to_ours(self, hf: np.ndarray, shape: tuple) -> np.ndarray:
         return (hf.T if self.transpose else hf).reshape(shape)
 
+    def read(self, read_hf, shape: tuple, index: tuple) -> np.ndarray:
+        """Our parameter's block ``index`` (one slice per dimension of ``shape``), reading from the
+        Hugging Face tensor (``read_hf(hf_index)``) only the rows and columns that cover it: for each
+        side (input dims, output dims) the range of its first sliced dimension, whole inner dims.
+        FSDP and tensor parallelism slice whole rows, heads or columns, so nothing more is read."""
+        groups = [range(len(shape))] if self.flat else [range(self.in_dims), range(self.in_dims, len(shape))]
+        spans, chunk, post = [], [], []
+        for dims in groups:
+            first, inner = dims[0], [shape[d] for d in dims[1:]]
+            step = math.prod(inner)
+            sl = index[first]
+            spans.append(slice(sl.start * step, sl.stop * step))
+            chunk += [sl.stop - sl.start, *inner]
+            post += [slice(None), *(index[d] for d in dims[1:])]
+        if self.flat:
+            block = read_hf(tuple(spans))
+        elif self.transpose:
+            block = read_hf((spans[1], spans[0])).T
+        else:
+            block = read_hf(tuple(spans))
+        return block.reshape(chunk)[tuple(post)]
+
     def to_hf(self, ours: np.ndarray) -> np.ndarray:
         x = ours.reshape(self.hf_shape(ours.shape)[::-1] if self.transpose else self.hf_shape(ours.shape))
         return np.ascontiguousarray(x.T) if self.transpose else x

@@ -1,0 +1,207 @@
+"""Multi-process runs on one machine, as the hosts of a pod run: 2 processes x 4 CPU devices form one
+JAX runtime (gloo collectives, the coordinator on 127.0.0.1), train with FSDP over all 8 devices, and
+save one checkpoint together; it resumes on 1 process x 8 devices and 1 x 2."""
+
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from runs import losses, metrics
+
+from jaxtune import checkpoint, cli, train
+
+SMOKE = os.path.join(os.path.dirname(__file__), "..", "configs", "smoke.py")
+STEPS = 10
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _overrides(text_file, *extra):
+    return [
+        f"--config.data.train={text_file}",
+        "--config.mesh.data=1",
+        "--config.mesh.fsdp=-1",  # FSDP over every device of both processes
+        *extra,
+    ]
+
+
+def _launch(workdir, overrides):
+    """Two training processes of one run: process 0 takes the runtime from flags, process 1 from the
+    JAXTUNE_* environment variables."""
+    port = _free_port()
+    procs = []
+    for i in range(2):
+        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+        flags = []
+        if i == 0:
+            flags = ["--coordinator", f"127.0.0.1:{port}", "--num_processes", "2", "--process_id", "0"]
+        else:
+            env.update(
+                JAXTUNE_COORDINATOR=f"127.0.0.1:{port}", JAXTUNE_NUM_PROCESSES="2", JAXTUNE_PROCESS_ID="1"
+            )
+        cmd = [sys.executable, "-m", "jaxtune.train", "--config", SMOKE, "--workdir", str(workdir)]
+        procs.append(
+            subprocess.Popen(
+                cmd + flags + overrides, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
+        )
+    return procs
+
+
+def _finish(procs, timeout=300):
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=timeout)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, out in zip(procs, outs, strict=True):
+        assert p.returncode == 0, out
+    return outs
+
+
+def _relative(a: dict, b: dict) -> float:
+    assert sorted(a) == sorted(b), (sorted(a), sorted(b))
+    return max(abs(a[k] - b[k]) / abs(b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def pair(text_file, tmp_path_factory):
+    """A 2 x 4 run of 10 steps with checkpoints at 5 and 10, and the 1 x 8 run of the same config."""
+    root = tmp_path_factory.mktemp("multihost")
+    extra = [
+        f"--config.train.max_steps={STEPS}",
+        "--config.checkpoint.every_steps=5",
+        "--config.eval.every_steps=5",
+        "--config.export.at_end=true",
+    ]
+    overrides = _overrides(text_file, *extra)
+    outs = _finish(_launch(root / "two", overrides))
+    config = cli.load_config(SMOKE, overrides)
+    train.run(config, str(root / "one"), devices=jax.devices()[:8])
+    return root, config, outs
+
+
+def test_two_processes_train_as_one_with_the_losses_of_one_process(pair):
+    root, _, (out0, out1) = pair
+    assert _relative(losses(root / "two"), losses(root / "one")) < 1e-5
+    # Only process 0 writes the run's files and speaks: one metrics row per step, no bar on process 1.
+    assert [row["step"] for row in metrics(root / "two")] == list(range(1, STEPS + 1))
+    assert [row["step"] for row in metrics(root / "two", "eval")] == [5, 10]
+    assert "eval at step 5" in out0 and "eval at step" not in out1 and "train:" not in out1
+    assert "process 1 of 2: 4 local devices, 8 in all" in out1
+    assert checkpoint.Checkpoints(str(root / "two")).latest() == STEPS
+    # The export gathers each tensor from both processes; process 0 writes it.
+    from safetensors.numpy import load_file
+
+    two, one = (load_file(root / d / "export" / "model.safetensors") for d in ("two", "one"))
+    assert sorted(two) == sorted(one)
+    for key, value in one.items():
+        np.testing.assert_allclose(two[key], value, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("devices", [8, 2])
+def test_a_two_process_checkpoint_resumes_on_other_device_counts(pair, devices, tmp_path):
+    """The step-5 checkpoint of the 2 x 4 run, resharded onto 1 x 8 and 1 x 2, continues with the losses
+    of the uninterrupted run."""
+    root, config, _ = pair
+    workdir = tmp_path / "resumed"
+    shutil.copytree(root / "two", workdir)
+    shutil.rmtree(workdir / "checkpoints" / str(STEPS))  # as if preempted after the step-5 save
+    summary = train.run(config, str(workdir), devices=jax.devices()[:devices])
+    assert summary["step"] == STEPS
+    resumed = {k: v for k, v in losses(workdir).items() if k > 5}
+    uninterrupted = {k: v for k, v in losses(root / "one").items() if k > 5}
+    assert _relative(resumed, uninterrupted) < 1e-5
+    assert [row["step"] for row in metrics(workdir)] == list(range(1, STEPS + 1))
+
+
+def test_sigterm_to_one_process_makes_both_save_the_same_step_and_exit_zero(text_file, tmp_path):
+    workdir = tmp_path / "run"
+    extra = [
+        "--config.train.max_steps=100000",
+        "--config.checkpoint.every_steps=0",
+        "--config.eval.every_steps=0",
+    ]
+    procs = _launch(workdir, _overrides(text_file, *extra))
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not (
+            (workdir / "metrics.jsonl").exists() and len(metrics(workdir)) >= 3
+        ):
+            assert all(p.poll() is None for p in procs), [p.communicate()[0] for p in procs]
+            time.sleep(0.2)
+        procs[1].send_signal(signal.SIGTERM)
+    finally:
+        out0, out1 = _finish(procs, timeout=240)
+    assert "SIGTERM" in out1 and "stopped at step" in out0
+    step = int(out0.split("stopped at step ")[1].split()[0])
+    assert checkpoint.Checkpoints(str(workdir)).latest() == step == max(losses(workdir))
+    assert np.isfinite(list(losses(workdir).values())).all()
+
+
+def _held_bytes(value) -> int:
+    """Bytes of the distinct blocks an array's devices hold (a replicated block counts once)."""
+    blocks = {
+        tuple(s.indices(d)[:2] for s, d in zip(index, value.shape, strict=True))
+        for index in value.sharding.devices_indices_map(value.shape).values()
+    }
+    return sum(math.prod(stop - start for start, stop in b) for b in blocks) * value.dtype.itemsize
+
+
+def test_loading_under_fsdp_reads_only_the_blocks_each_device_holds(tmp_path, monkeypatch):
+    """Each device's block of a stacked [layers, ...] parameter is read from the checkpoint on its
+    own (per layer, only the rows and columns it covers): the bytes read are those the devices hold,
+    once, never a whole stacked tensor per device."""
+    from flax import nnx
+
+    import jaxtune
+    from jaxtune import hf, pretrained, sharding
+    from jaxtune.config import defaults
+    from jaxtune.models import presets
+    from jaxtune.plan import mesh_rules
+
+    model_dir = tmp_path / "tiny"
+    pretrained.save_pretrained(pretrained.model_from_config(presets.hf_config("llama-tiny")), str(model_dir))
+    config = defaults()
+    config.mesh.data, config.mesh.fsdp = 1, -1
+    mesh, rules = sharding.make_mesh(config, jax.devices()[:8]), mesh_rules(config)
+    reads = []
+    read = hf.Tensors.read
+
+    def counted(self, key, index):
+        block = read(self, key, index)
+        reads.append(block.nbytes)
+        return block
+
+    monkeypatch.setattr(hf.Tensors, "read", counted)
+    sharded = jaxtune.load_pretrained(str(model_dir), mesh=mesh, rules=rules)
+    values = [var.get_value() for _, var in nnx.to_flat_state(nnx.state(sharded, nnx.Param))]
+    model_bytes = sum(v.nbytes for v in values)
+    assert sum(reads) == sum(_held_bytes(v) for v in values)
+    assert sum(reads) < 1.5 * model_bytes  # FSDP: nearly every byte is held, and read, once
+    assert max(reads) <= max(v.nbytes for v in values) / 8  # one layer's block, not a stacked tensor
+    plain = pretrained.model_state(jaxtune.load_pretrained(str(model_dir)))
+    for path, value in pretrained.model_state(sharded).items():
+        np.testing.assert_array_equal(value, plain[path])
+
+
+def test_a_url_workdir_is_one_line_naming_the_mount(capsys):
+    status = train.main(["--config", SMOKE, "--workdir", "gs://bucket/run"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert status == 2 and err.startswith("error: --workdir gs://bucket/run: URLs are not supported yet")
+    assert "setup.sh --bucket" in err
