@@ -1,6 +1,7 @@
 """Full fine-tuning (or continued pre-training) of Llama-3 8B on a v5p-32 (16 chips, 4 hosts).
 
-    python -m jaxtune.train --config configs/llama3_8b.py --config.data.train=DATA.txt --workdir /mnt/BUCKET/RUN
+    python -m jaxtune.train --config configs/llama3_8b.py --config.data.train=DATA.txt \
+        --workdir /mnt/BUCKET/RUN
 
 Planned, not guessed (``python -m jaxtune.plan --config configs/llama3_8b.py --topology v5p-32
 --config.model.path=llama3-8b``; the numbers are in configs/README.md): parameters and AdamW state

@@ -235,10 +235,10 @@ def main(p, body, argv=None, with_config: bool = False, multihost: bool = False)
     commands: see :mod:`jaxtune.distributed`), run ``body(args)``; return the exit status."""
     from jaxtune import distributed
 
-    if multihost:
-        distributed.add_arguments(p)
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
+        if multihost:
+            distributed.add_arguments(p)  # its defaults read JAXTUNE_*: a bad value is one line
         if with_config:
             args, rest = p.parse_known_args(argv)
             args.config = load_config(args.config, rest)

@@ -7,7 +7,8 @@ Two ways in:
 - explicit, for GPU clusters and local runs: ``--coordinator HOST:PORT --num_processes N --process_id I``
   (or the environment variables ``JAXTUNE_COORDINATOR``, ``JAXTUNE_NUM_PROCESSES``,
   ``JAXTUNE_PROCESS_ID``);
-- detected, where JAX finds the cluster itself: a Cloud TPU VM of a multi-host slice, a Slurm or
+- detected, where JAX finds the cluster itself: a Cloud TPU VM (its slice's workers come from the
+  VM's metadata server; a single-host slice forms a runtime of one), a Slurm job step (``srun``) or an
   Open MPI job of several tasks, or ``JAX_COORDINATOR_ADDRESS`` set.
 
 A single process never initialises anything: it is the common case and needs no coordinator.
@@ -68,13 +69,23 @@ def _detected_cluster() -> str | None:
     if env.get("JAX_COORDINATOR_ADDRESS"):
         return "JAX_COORDINATOR_ADDRESS"
     hosts = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
-    if len(hosts) > 1 or env.get("MEGASCALE_COORDINATOR_ADDRESS"):
+    if len(hosts) > 1 or env.get("MEGASCALE_COORDINATOR_ADDRESS") or _on_tpu_vm():
         return "Cloud TPU"
-    if int(env.get("SLURM_NTASKS", "1") or 1) > 1:
+    # Only srun's job steps set it; an sbatch script or an salloc shell is one process.
+    if int(env.get("SLURM_STEP_NUM_TASKS", "1") or 1) > 1:
         return "Slurm"
     if int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1:
         return "Open MPI"
     return None
+
+
+def _on_tpu_vm() -> bool:
+    """A Cloud TPU VM: its chips are /dev/accel* (v4, v5e) or VFIO devices (v5p, v6e). The workers of
+    its slice are in the metadata server, which jax.distributed reads; the environment may not have
+    them."""
+    import glob
+
+    return bool(glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*"))
 
 
 def initialize(coordinator=None, num_processes=None, process_id=None) -> bool:
@@ -90,7 +101,9 @@ def initialize(coordinator=None, num_processes=None, process_id=None) -> bool:
                 f"{', '.join(missing)} missing: an explicit multi-process run needs --coordinator, "
                 "--num_processes and --process_id (or their JAXTUNE_* environment variables)"
             )
-        if num_processes < 1 or not 0 <= process_id < num_processes:
+        if num_processes < 1:
+            raise UsageError(f"--num_processes {num_processes} must be at least 1")
+        if not 0 <= process_id < num_processes:
             raise UsageError(
                 f"--process_id {process_id} is not in 0 .. {num_processes - 1} "
                 f"(--num_processes {num_processes})"

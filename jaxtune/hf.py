@@ -282,47 +282,47 @@ def state_to_hf(state: Mapping[str, np.ndarray], table) -> Iterator[tuple[str, n
             yield template, tx.to_hf(np.asarray(arr))
 
 
-def write_safetensors(
-    out_dir: str,
-    tensors: Iterator[tuple[str, np.ndarray]],
-    max_shard_bytes=MAX_SHARD_BYTES,
-    write: bool = True,
-):
+def write_safetensors(out_dir: str, tensors, max_shard_bytes=MAX_SHARD_BYTES, write: bool = True):
     """Write model.safetensors, or numbered shards plus an index when they exceed ``max_shard_bytes``.
 
-    Tensors stream in: each shard is written as soon as it is full, so the host holds one shard at a
-    time, never the model. ``write=False`` (a pod's other processes) consumes the stream, whose arrays
-    are gathered collectively, and writes nothing."""
+    Tensors stream in: each shard is written (under a temporary name) as soon as it is full, so the
+    host holds one shard at a time, never the model; the weights of an older model in ``out_dir``
+    give way only once the new ones are complete, and a failed write leaves no temporary file.
+    ``write=False`` (a pod's other processes) consumes the stream, whose arrays are gathered
+    collectively, and writes nothing."""
     from safetensors.numpy import save_file
 
     # transformers checks this metadata to know the tensors are in PyTorch layout.
     meta = {"format": "pt"}
-    if write:
-        for name in stale_weight_files(out_dir):  # an older model's weights must not stay beside these
-            os.remove(os.path.join(out_dir, name))
     written: list[tuple[str, list[str]]] = []  # (temporary file, its keys)
     shard: dict = {}
     size = total = 0
 
     def flush():
+        tmp = os.path.join(out_dir, f".shard-{len(written) + 1}.safetensors.tmp")
         if write:
-            tmp = os.path.join(out_dir, f".shard-{len(written) + 1}.safetensors.tmp")
             save_file(shard, tmp, metadata=meta)
-            written.append((tmp, list(shard)))
-        else:
-            written.append(("", []))
+        written.append((tmp, list(shard)))
 
-    for key, arr in tensors:
-        arr = np.ascontiguousarray(arr)
-        if size and size + arr.nbytes > max_shard_bytes:
-            flush()
-            shard, size = {}, 0
-        shard[key] = arr
-        size += arr.nbytes
-        total += arr.nbytes
-    flush()
+    try:
+        for key, arr in tensors:
+            arr = np.ascontiguousarray(arr)
+            if size and size + arr.nbytes > max_shard_bytes:
+                flush()
+                shard, size = {}, 0
+            shard[key] = arr
+            size += arr.nbytes
+            total += arr.nbytes
+        flush()
+    except BaseException:
+        for tmp, _ in written if write else ():
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        raise
     if not write:
         return
+    for name in stale_weight_files(out_dir):  # an older model's weights must not stay beside these
+        os.remove(os.path.join(out_dir, name))
     if len(written) == 1:
         os.replace(written[0][0], os.path.join(out_dir, SAFETENSORS))
         return

@@ -48,6 +48,7 @@ class StopSignals:
         self._pipe = None
         self._old_fd = -1
         self._timer = None
+        self._exchange = None
 
     def __enter__(self):
         try:
@@ -120,17 +121,18 @@ class StopSignals:
         os._exit(128 + signum)
 
     def agreed(self) -> str | None:
-        """The stop every process of the run takes at this step: the signal any of them received, or
-        None. Called by all processes at the same step, so that a SIGTERM to one host makes every
-        host save the same step (one small all-gather a step when there are several processes)."""
+        """The stop every process of the run takes at this step: the signal any of them had received
+        one step earlier, or None. Called by all processes at every step, so that a SIGTERM to one
+        host makes every host save the same step. The exchange is a tiny collective dispatched after
+        the step and read one step later, so the host never waits for the device to catch up."""
         import jax
 
         if jax.process_count() == 1:
             return self.requested
-        from jax.experimental import multihost_utils
-
+        if self._exchange is None:
+            self._exchange = _Exchange()
         mine = signal.Signals[self.requested].value if self.requested else 0
-        got = int(np.max(multihost_utils.process_allgather(np.int32(mine))))
+        got = self._exchange(mine)
         return signal.Signals(got).name if got else None
 
     def __exit__(self, *exc):
@@ -143,3 +145,26 @@ class StopSignals:
             self._timer.cancel()
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
+
+
+class _Exchange:
+    """The largest of the processes' numbers, one call late: each call dispatches this call's
+    exchange (a max over one value per device) and returns the previous one's result (0 the first
+    time). All processes call it at the same steps, as every collective must be."""
+
+    def __init__(self):
+        import jax
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+        mesh = Mesh(np.asarray(jax.devices()), ("processes",))
+        self.sharding = NamedSharding(mesh, PartitionSpec("processes"))
+        self.max = jax.jit(lambda x: x.max(), out_shardings=NamedSharding(mesh, PartitionSpec()))
+        self.pending = None
+
+    def __call__(self, mine: int) -> int:
+        import jax
+
+        local = np.full((jax.local_device_count(),), mine, np.int32)
+        values = jax.make_array_from_process_local_data(self.sharding, local, (jax.device_count(),))
+        previous, self.pending = self.pending, self.max(values)
+        return 0 if previous is None else int(previous)

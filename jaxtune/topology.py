@@ -98,6 +98,8 @@ def parse(name: str, num_slices: int = 1) -> Slice:
         raise UsageError(f"--num_slices {num_slices} must be at least 1")
     m = re.fullmatch(r"cpu:(\d+)", text)
     if m:
+        if num_slices != 1:
+            raise UsageError(f"--num_slices {num_slices}: host devices ({text}) form one slice")
         return Slice(text, None, (int(m.group(1)),), 1)
     m = re.fullmatch(r"([a-z0-9]+?)(?:-(\d+)|:(\d+(?:x\d+)+))", text)
     gen_name = ALIASES.get(m.group(1), m.group(1)) if m else None

@@ -205,3 +205,29 @@ def test_a_url_workdir_is_one_line_naming_the_mount(capsys):
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert status == 2 and err.startswith("error: --workdir gs://bucket/run: URLs are not supported yet")
     assert "setup.sh --bucket" in err
+
+
+def test_which_environments_start_a_multi_process_runtime(monkeypatch):
+    from jaxtune import distributed
+    from jaxtune.errors import UsageError
+
+    for key in ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS"):
+        monkeypatch.delenv(key, raising=False)
+    for key in ("SLURM_NTASKS", "SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(distributed, "_on_tpu_vm", lambda: False)
+    assert distributed._detected_cluster() is None
+    monkeypatch.setenv("SLURM_NTASKS", "4")  # an sbatch script or an salloc shell: one process
+    assert distributed._detected_cluster() is None
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "4")  # a task of an srun step
+    assert distributed._detected_cluster() == "Slurm"
+    monkeypatch.delenv("SLURM_STEP_NUM_TASKS")
+    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "10.0.0.2,10.0.0.3")
+    assert distributed._detected_cluster() == "Cloud TPU"
+    with pytest.raises(UsageError, match="--num_processes, --process_id missing"):
+        distributed.initialize("127.0.0.1:1234")
+    with pytest.raises(UsageError, match="--num_processes 0 must be at least 1"):
+        distributed.initialize("127.0.0.1:1234", 0, 0)
+    with pytest.raises(UsageError, match="--process_id 2 is not in 0 .. 1"):
+        distributed.initialize("127.0.0.1:1234", 2, 2)
+    assert distributed.initialize("127.0.0.1:1234", 1, 0) is False  # one process: nothing to join

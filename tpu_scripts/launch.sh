@@ -41,7 +41,11 @@ train=""
 for kv in "${ENVS[@]+"${ENVS[@]}"}"; do
   train+="$(quote "$kv") "
 done
-train+="\$HOME/jaxtune-venv/bin/python -m jaxtune.train --config $(quote "$CONFIG") --workdir $(quote "$WORKDIR")"
+workdir="$(quote "$WORKDIR")"
+if [[ "$WORKDIR" == \~/* ]]; then  # the worker's home, not this machine's: expanded there
+  workdir="\$HOME/$(quote "${WORKDIR#\~/}")"
+fi
+train+="\$HOME/jaxtune-venv/bin/python -m jaxtune.train --config $(quote "$CONFIG") --workdir $workdir"
 for a in "${ARGS[@]+"${ARGS[@]}"}"; do
   train+=" $(quote "$a")"
 done

@@ -28,7 +28,8 @@ done
 mapfile -t FLAGS < <(where)
 
 run gcloud compute tpus tpu-vm describe "$NAME" "${FLAGS[@]}" --format="value(state,acceleratorType)"
-ssh_all "echo \$(hostname): \$(pgrep -fc jaxtune.train || true) training process\(es\); tail -n 3 ~/jaxtune-train.log 2>/dev/null"
+# [j]axtune: the pattern does not match the remote shell whose command line holds it.
+ssh_all "echo \$(hostname): \$(pgrep -fc '[j]axtune.train' || true) training process\(es\); tail -n 3 ~/jaxtune-train.log 2>/dev/null || true"
 if [[ -n "$LOGS" ]]; then
   if [[ -z "$WORKERS" ]]; then
     if [[ "$DRY_RUN" == 1 ]]; then
