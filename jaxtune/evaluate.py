@@ -68,6 +68,10 @@ def run(args) -> None:
         batch_size=args.batch_size,
         max_length=args.max_length,
     )
+    from jaxtune.distributed import is_main
+
+    if not is_main():  # every process evaluated the same rows; process 0 reports
+        return
     print(table(result))
     if args.output:
         with open(args.output, "w") as f:

@@ -37,8 +37,11 @@ def export(args) -> None:
 
     check_out(args.out, args.overwrite)
     model, tokenizer = load_model(args.checkpoint, args.model, dtype=args.dtype or "float32")
-    save_pretrained(model, args.out, tokenizer=tokenizer, dtype=args.dtype)
-    print(f"wrote {args.out}")
+    save_pretrained(model, args.out, tokenizer=tokenizer, dtype=args.dtype)  # every process; 0 writes
+    from jaxtune.distributed import is_main
+
+    if is_main():
+        print(f"wrote {args.out}")
 
 
 def main(argv=None) -> int:

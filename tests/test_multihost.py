@@ -114,6 +114,36 @@ def test_two_processes_train_as_one_with_the_losses_of_one_process(pair):
         np.testing.assert_allclose(two[key], value, rtol=1e-5, atol=1e-7)
 
 
+def test_two_processes_export_a_checkpoint_as_one_process_does(pair, tmp_path):
+    """``python -m jaxtune.export`` as 2 processes of one runtime: both take part, process 0 writes and
+    reports, and the weights are those of a one-process export."""
+    from safetensors.numpy import load_file
+
+    root, _, _ = pair
+    port = _free_port()
+    procs = []
+    for i in range(2):
+        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+        runtime = ["--coordinator", f"127.0.0.1:{port}", "--num_processes", "2", "--process_id", str(i)]
+        cmd = [sys.executable, "-m", "jaxtune.export", "--checkpoint", str(root / "two"), "--out"]
+        procs.append(
+            subprocess.Popen(
+                [*cmd, str(tmp_path / "out"), *runtime],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    out0, out1 = _finish(procs, timeout=240)
+    assert f"wrote {tmp_path / 'out'}" in out0 and "wrote" not in out1
+    from jaxtune import export
+
+    assert export.main(["--checkpoint", str(root / "two"), "--out", str(tmp_path / "one")]) == 0
+    two, one = (load_file(tmp_path / d / "model.safetensors") for d in ("out", "one"))
+    assert sorted(two) == sorted(one) and all(np.array_equal(two[k], one[k]) for k in one)
+
+
 @pytest.mark.parametrize("devices", [8, 2])
 def test_a_two_process_checkpoint_resumes_on_other_device_counts(pair, devices, tmp_path):
     """The step-5 checkpoint of the 2 x 4 run, resharded onto 1 x 8 and 1 x 2, continues with the losses
