@@ -427,12 +427,34 @@ def _read_only(where: str):
     return ocp.CheckpointManager(where, options=ocp.CheckpointManagerOptions(read_only=True))
 
 
+def _restore_shardings(state):
+    """Where a restored model's parameters land: the first local device on one process (a pod's
+    checkpoint exports on one machine); on several processes, FSDP over all their devices, so that no
+    host holds more than its share (the export then gathers one tensor at a time)."""
+    from flax import nnx
+
+    if jax.process_count() == 1:
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        return jax.tree.map(lambda _: device, nnx.to_pure_dict(state))
+    import numpy as np
+    from jax.sharding import Mesh
+
+    from jaxtune import sharding
+    from jaxtune.config import DEFAULT_RULES, MESH_AXES
+
+    sizes = {"data": 1, "fsdp": jax.device_count(), "tensor": 1}
+    log.info("restoring sharded over the %d devices of %d processes", jax.device_count(), jax.process_count())
+    mesh = Mesh(np.asarray(jax.devices()).reshape([sizes[a] for a in MESH_AXES]), MESH_AXES)
+    return sharding.state_shardings(state, mesh, DEFAULT_RULES)
+
+
 def restore_model(path: str):
     """(model, tokenizer or None) of a training checkpoint: ``WORKDIR`` (its best checkpoint when the
     run kept them, else the latest) or ``WORKDIR/checkpoints[_best]/STEP``. A damaged checkpoint is
     named in a warning and the next one is taken (the next best, then the latest ones); a step asked
     for by name is never replaced. Parameters land on the first local device, whatever mesh the run
-    used, so a pod's checkpoint exports on one machine."""
+    used, so a pod's checkpoint exports on one machine; on several processes they are sharded over
+    all devices (FSDP), each host holding its share."""
     from flax import nnx
 
     from jaxtune import optim, pretrained
@@ -462,9 +484,10 @@ def restore_model(path: str):
                 f"{latest_dir}: holds no complete checkpoint yet; wait for the run's first save"
             )
     graphdef, state = nnx.split(pretrained.abstract_model(model_dir))
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), nnx.to_pure_dict(state)
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        nnx.to_pure_dict(state),
+        _restore_shardings(state),
     )
     try:
         for n, (where, step) in enumerate(candidates):

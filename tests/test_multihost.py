@@ -137,6 +137,7 @@ def test_two_processes_export_a_checkpoint_as_one_process_does(pair, tmp_path):
         )
     out0, out1 = _finish(procs, timeout=240)
     assert f"wrote {tmp_path / 'out'}" in out0 and "wrote" not in out1
+    assert "restoring sharded over the 8 devices of 2 processes" in out0  # no host holds the whole model
     from jaxtune import export
 
     assert export.main(["--checkpoint", str(root / "two"), "--out", str(tmp_path / "one")]) == 0
