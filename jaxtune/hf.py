@@ -167,7 +167,7 @@ def _candidates(key: str, family, cfg) -> list[str]:
 
 
 def state_from_hf(
-    tensors: Mapping, family, cfg, table, shapes: dict[str, tuple], dtype, fresh=()
+    tensors: Tensors, family, cfg, table, shapes: dict[str, tuple], dtype, fresh=()
 ) -> Iterator[tuple[str, LazyParam]]:
     """Yield (our path, :class:`LazyParam`) for every parameter in ``shapes``, read from checkpoint
     tensors through ``table`` (the family's, for one task) when its blocks are asked for.
@@ -221,11 +221,10 @@ def state_from_hf(
         per_layer = sources[path]
         inner = shape[1:] if path.startswith("layers.") else shape
         for key, tx in per_layer.values():
-            got = tensors.shape(key) if hasattr(tensors, "shape") else np.shape(tensors[key])
-            if tuple(got) != tx.hf_shape(inner):
-                src = tensors.source(key) if hasattr(tensors, "source") else "checkpoint"
+            got = tensors.shape(key)
+            if got != tx.hf_shape(inner):
                 raise ModelError(
-                    f"{src}: tensor {key} has shape {tuple(got)}, but config.json implies "
+                    f"{tensors.source(key)}: tensor {key} has shape {tuple(got)}, but config.json implies "
                     f"{tx.hf_shape(inner)}; the weights and config.json belong to different models"
                 )
         yield path, LazyParam(tensors, shape, dtype, per_layer, path.startswith("layers."))
@@ -254,9 +253,7 @@ class LazyParam:
         self.sources, self.stacked = sources, stacked
 
     def _one(self, key: str, tx, shape: tuple, index: tuple) -> np.ndarray:
-        if hasattr(self.tensors, "read"):
-            return tx.read(lambda hf_index: self.tensors.read(key, hf_index), shape, index)
-        return tx.to_ours(np.asarray(self.tensors[key]), shape)[index]
+        return tx.read(lambda hf_index: self.tensors.read(key, hf_index), shape, index)
 
     def read(self, index=None) -> np.ndarray:
         index = _block(self.shape, index)

@@ -272,7 +272,10 @@ def _force_host_devices(argv) -> None:
                 f for f in os.environ.get("XLA_FLAGS", "").split() if "host_platform_device_count" not in f
             ]
             os.environ["XLA_FLAGS"] = " ".join([*flags, flag])
-            os.environ.setdefault("JAX_PLATFORMS", "cpu")  # no accelerator plugin is asked for its chips
+            if not os.environ.get("JAX_PLATFORMS"):
+                # No accelerator runtime is started to be asked for its chips. jax read the
+                # environment when it was imported, so its config is what takes this now.
+                jax.config.update("jax_platforms", "cpu")
 
 
 def _run(args) -> None:

@@ -124,6 +124,8 @@ def test_a_70b_full_fine_tune_does_not_fit_four_v5e_chips_and_says_why(capsys):
 
 
 def test_cpu_devices_plan_without_the_tpu_compiler(tmp_path):
+    """``cpu:N`` never starts the TPU runtime (with jax[tpu] installed, as here, it would announce
+    itself on stderr), so it needs no jax[tpu]."""
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)
     env.pop("JAX_PLATFORMS", None)
