@@ -28,8 +28,10 @@ class NonFiniteLoss(Exception):
 
 
 class StepMeter:
-    """``cost(length) -> (tokens, FLOPs)`` of a step whose rows are ``length`` long; ``peak``: the FLOP/s
-    of all devices (0: no MFU); ``writer``: a MetricsWriter; ``bar``: a tqdm bar (or None).
+    """``cost(length) -> (tokens, FLOPs)`` of a step whose rows are ``length`` long (the step's
+    ``tokens`` metric, its non-padding tokens, takes the place of the first when it has one);
+    ``peak``: the FLOP/s of all devices (0: no MFU); ``writer``: a MetricsWriter; ``bar``: a tqdm bar
+    (or None).
     ``measured``: the peak was measured on this machine (a CPU), so it is a lower bound of the true
     one: a step that runs faster raises it, and MFU never reads above 100%."""
 
@@ -83,7 +85,7 @@ class StepMeter:
             if not math.isfinite(loss):
                 raise NonFiniteLoss(step, loss)
             took = max(seconds * flops / all_flops, 1e-9)
-            tps = tokens / took
+            tps = float(m["tokens"]) / took if "tokens" in m else tokens / took
             if self.measured and flops / took > self.peak:
                 log.info(
                     "step %d ran at %.1f GFLOP/s, above the measured peak of %.1f: that is the peak now",

@@ -142,6 +142,8 @@ def make_train_step(
             "loss": loss,
             "grad_norm": optax.tree.norm(grads),
             "learning_rate": lr_schedule(state["step"]),
+            # The step's real tokens, padding left out: what tokens/s counts.
+            "tokens": batch["attention_mask"].sum(dtype=jnp.float32),
         }
         return new, metrics
 

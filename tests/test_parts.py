@@ -92,6 +92,16 @@ def test_step_meter_reports_one_step_late_and_shares_time_before_an_eval_by_flop
     assert meter.last == (4, 1.0) and all(0 < r["mfu"] < 1 for r in rows.rows)
 
 
+def test_step_meter_counts_the_real_tokens_of_a_step_not_its_padding():
+    clock, rows = Clock(), Rows()
+    cost = lambda length: (10 * length, 1000.0 * length)  # noqa: E731 (padded tokens, FLOPs)
+    meter = StepMeter(cost, peak=1e6, log_every=1, total=10, writer=rows, clock=clock)
+    clock.now = 2.0
+    meter.step(1, dict(step_metrics(), tokens=jnp.float32(50.0)), 8, flush=True)  # 50 of 80 are real
+    assert rows.rows[0]["tokens_per_second"] == pytest.approx(50 / 2.0)
+    assert rows.rows[0]["mfu"] == pytest.approx(8000 / 2.0 / 1e6)  # the device computed all 80
+
+
 def test_a_measured_peak_is_a_floor_so_mfu_never_reads_above_one():
     clock, rows = Clock(), Rows()
     # 1e6 FLOPs a step against a measured peak of 1e5 FLOP/s: the step itself shows the peak was low.
