@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 
 import ml_collections
 
@@ -57,6 +58,16 @@ def defaults() -> ml_collections.ConfigDict:
         # BERT-family checkpoints with their config's 0.1.
         dropout=0.0,
         loss_chunk_tokens=2048,  # tokens per chunk of the output-layer + cross-entropy computation
+        adapter="",  # a PEFT LoRA adapter directory to put on the model (continue training it)
+    )
+    # LoRA: low-rank adapters train, the base model stays frozen (a classifier's head trains in full).
+    c.lora = dict(
+        rank=0,  # r; 0 = off (full fine-tuning)
+        alpha=16.0,  # the adapters' output is scaled by alpha / r (alpha / sqrt(r) with rslora)
+        targets=r"attn\.(q|k|v|o)_proj|mlp\.",  # regex searched in dense layers' paths (layers.attn.q_proj)
+        dropout=0.0,  # on the adapters' inputs, in training steps
+        rslora=False,
+        base_dtype="",  # store the frozen base in this dtype (bfloat16 halves it); "" = param_dtype
     )
     c.data = dict(
         # comma-separated files or globs (.jsonl .json .csv .tsv .parquet .txt .yml), tfds:NAME, hf:NAME
@@ -285,6 +296,16 @@ def validate(config, num_devices: int | None = None) -> None:
     _one_of("model.remat", c.model.remat, REMAT)
     _one_of("model.attention", c.model.attention, layers.ATTENTION_IMPLS)
     _positive("model.loss_chunk_tokens", c.model.loss_chunk_tokens)
+    _positive("lora.rank", c.lora.rank, zero_ok=True)
+    if c.lora.base_dtype:
+        _one_of("lora.base_dtype", c.lora.base_dtype, DTYPES)
+    if not 0 <= c.lora.dropout < 1:
+        raise ConfigError(f"config key lora.dropout = {c.lora.dropout!r}: must be in [0, 1)")
+    if c.lora.rank or c.model.adapter:
+        try:
+            re.compile(c.lora.targets)
+        except re.error as e:
+            raise ConfigError(f"config key lora.targets = {c.lora.targets!r} is not a regex ({e})") from e
     _one_of("data.format", c.data.format, FORMATS)
     _one_of("data.too_long", c.data.too_long, TOO_LONG)
     if any(not isinstance(w, int | float) or w < 0 for w in c.data.weights) or (

@@ -2,11 +2,16 @@
 
     python -m jaxtune.export --model PATH --out DIR [--dtype bfloat16]
     python -m jaxtune.export --checkpoint WORKDIR[/checkpoints/STEP] --out DIR [--dtype bfloat16]
+    python -m jaxtune.export --checkpoint WORKDIR --out DIR --adapter
 
 PATH is a Hugging Face directory, a hub id or a .gguf file; WORKDIR a training run's directory (its
 latest checkpoint, or the STEP given). DIR receives config.json, safetensors (sharded above 5 GB, with
 an index) and the tokenizer files, loadable by ``transformers.AutoModelFor<Task>.from_pretrained(DIR)``
-with no extra code. A non-empty DIR is refused unless ``--overwrite``.
+with no extra code. A run that trained LoRA adapters exports merged (``W + scale * B A``, a plain
+model); with ``--adapter`` it writes the adapters alone as a PEFT directory instead
+(``adapter_config.json`` + ``adapter_model.safetensors``), which
+``peft.PeftModel.from_pretrained(base_model, DIR)`` loads. A non-empty DIR is refused unless
+``--overwrite``.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import sys
 
 from jaxtune import cli
 from jaxtune.config import DTYPES
-from jaxtune.errors import OutputError
+from jaxtune.errors import OutputError, UsageError
 
 
 def check_out(out: str, overwrite: bool) -> None:
@@ -36,12 +41,32 @@ def export(args) -> None:
     from jaxtune.pretrained import save_pretrained
 
     check_out(args.out, args.overwrite)
+    if args.adapter and not args.checkpoint:
+        raise UsageError("--adapter exports a training run's LoRA adapters; pass --checkpoint WORKDIR")
     model, tokenizer = load_model(args.checkpoint, args.model, dtype=args.dtype or "float32")
-    save_pretrained(model, args.out, tokenizer=tokenizer, dtype=args.dtype)  # every process; 0 writes
+    if args.adapter:  # every process; 0 writes
+        from jaxtune import adapter
+
+        adapter.save(model, args.out, base=_base_model(args.checkpoint))
+    else:
+        save_pretrained(model, args.out, tokenizer=tokenizer, dtype=args.dtype)  # every process; 0 writes
     from jaxtune.distributed import is_main
 
     if is_main():
         print(f"wrote {args.out}")
+
+
+def _base_model(checkpoint: str) -> str:
+    """The ``model.path`` a run trained from, as its ``config.json`` records it ("" when unknown)."""
+    import json
+
+    from jaxtune.checkpoint import split_path
+
+    try:
+        with open(os.path.join(split_path(checkpoint)[0], "config.json"), encoding="utf-8") as f:
+            return str(json.load(f)["model"]["path"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
 
 
 def main(argv=None) -> int:
@@ -52,6 +77,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="output directory (new or empty)")
     p.add_argument("--overwrite", action="store_true", help="replace the model in a non-empty --out")
     p.add_argument("--dtype", default=None, choices=DTYPES, help="cast the weights (default: keep)")
+    p.add_argument("--adapter", action="store_true", help="write the LoRA adapters as a PEFT directory")
     return cli.main(p, export, argv, multihost=True)
 
 

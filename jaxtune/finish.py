@@ -46,14 +46,13 @@ def samples_and_export(config, workdir: str, graphdef, params, frozen, tokenizer
         return
     model = nnx.merge(graphdef, optim.merge(params, frozen))
     if config.sample.prompts and model.task.name == "causal_lm":
-        from jaxtune.generate import generate
+        from jaxtune.generate import Generator
 
         chat = getattr(tokenizer, "chat_template", None) is not None
-        rows = []
-        for prompt in config.sample.prompts:  # every process generates (the model spans them all)
-            question = [{"role": "user", "content": prompt}] if chat else prompt
-            answer = generate(model, tokenizer, question, max_new_tokens=config.sample.max_new_tokens)
-            rows.append({"prompt": prompt, "answer": answer})
+        prompts = list(config.sample.prompts)
+        # Every process generates (the model spans them all); the prompts go through together.
+        answers = Generator(model, tokenizer).complete(prompts, config.sample.max_new_tokens, chat=chat)
+        rows = [{"prompt": p, "answer": a.text} for p, a in zip(prompts, answers, strict=True)]
         if jax.process_index() == 0:
             with open(os.path.join(workdir, "samples.jsonl"), "w") as f:
                 for row in rows:

@@ -1,65 +1,260 @@
-"""Greedy generation, enough to check a model end to end.
+"""Generate text with a causal language model (a KV-cache engine: see :mod:`jaxtune.engine`).
 
-The prompt and the tokens to come share one fixed buffer, so the loop compiles once for a given
-(batch, prompt length, max_new_tokens); each step re-runs the model over the buffer (no KV cache yet).
+    python -m jaxtune.generate --model PATH_OR_WORKDIR (--prompt TEXT [--prompt TEXT ...] | --input F.jsonl)
+        [--chat] [--max_new_tokens N] [--temperature T] [--top_k K] [--top_p P] [--repetition_penalty R]
+        [--seed S] [--stop TEXT ...] [--batch_size B] [--adapter PEFT_DIR] [--output FILE.jsonl]
+
+PATH is a Hugging Face directory, a hub id or a .gguf file; WORKDIR a training run's directory (its
+best checkpoint, else its latest) or WORKDIR/checkpoints/STEP. ``--input`` lines are objects with a
+``prompt`` (text) or ``messages`` (a chat: a list of ``{"role", "content"}``). ``--chat`` renders text
+prompts as a user message through the tokenizer's chat template. Temperature 0 (the default) is
+greedy. A completion ends at the tokenizer's EOS token, at a ``--stop`` text (left out of the
+completion) or after ``--max_new_tokens``. A single prompt streams to the terminal; ``--output``
+writes one line per prompt: ``{"prompt": ..., "completion": ..., "token_ids": [...]}``.
 """
 
 from __future__ import annotations
 
-import functools
+import dataclasses
+import json
+import sys
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+
+from jaxtune import cli
+from jaxtune.errors import DataError, ModelError, UsageError
+from jaxtune.sampling import GREEDY, Sampler
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens"))
-def _greedy(graphdef, state, ids_bt, mask_bt, eos_ids, pad_id, max_new_tokens: int):
-    model = nnx.merge(graphdef, state)
-    b, t = ids_bt.shape
-    ids_bt = jnp.concatenate([ids_bt, jnp.full((b, max_new_tokens), pad_id, ids_bt.dtype)], axis=1)
-    mask_bt = jnp.concatenate([mask_bt, jnp.zeros((b, max_new_tokens), mask_bt.dtype)], axis=1)
-
-    def step(i, carry):
-        ids_bt, mask_bt, done_b = carry
-        cur = t + i
-        hidden = model.hidden_states(ids_bt, mask_bt)
-        last = jax.lax.dynamic_slice_in_dim(hidden, cur - 1, 1, axis=1)
-        nxt_b = jnp.argmax(model.logits(last)[:, 0].astype(jnp.float32), axis=-1).astype(ids_bt.dtype)
-        nxt_b = jnp.where(done_b, pad_id, nxt_b)
-        ids_bt = ids_bt.at[:, cur].set(nxt_b)
-        mask_bt = mask_bt.at[:, cur].set(jnp.where(done_b, 0, 1).astype(mask_bt.dtype))
-        return ids_bt, mask_bt, done_b | jnp.isin(nxt_b, eos_ids)
-
-    ids_bt, mask_bt, _ = jax.lax.fori_loop(0, max_new_tokens, step, (ids_bt, mask_bt, jnp.zeros((b,), bool)))
-    return ids_bt[:, t:], mask_bt[:, t:]
+@dataclasses.dataclass
+class Completion:
+    prompt: object  # the text, or the chat messages
+    text: str
+    token_ids: list
 
 
-def generate_ids(model, input_ids, attention_mask=None, max_new_tokens=32, eos_token_id=None, pad_token_id=0):
-    """Greedy continuation of (left-padded) ``input_ids``: a list of token-id lists, one per row,
-    each ending at the first EOS (included) or after ``max_new_tokens``."""
+def _stop_ids(tokenizer, extra=()) -> tuple:
+    """The EOS token(s) of a tokenizer (and a chat template's end-of-turn token, when it has one)."""
+    ids = set(extra)
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return tuple(sorted(ids))
+
+
+def _pad_id(tokenizer) -> int:
+    if tokenizer is None:
+        return 0
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return int(pad or 0)
+
+
+def encode(tokenizer, prompt, chat: bool = False) -> list[int]:
+    """The token ids of a prompt: a text (as a user message through the chat template with ``chat``)
+    or a list of chat messages, rendered with the generation prompt."""
+    if isinstance(prompt, str) and not chat:
+        return list(tokenizer(prompt)["input_ids"])
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ModelError("the tokenizer has no chat template; pass text prompts without --chat")
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "keys"):
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+class Generator:
+    """A model, its tokenizer and one engine: text in, completions out."""
+
+    def __init__(self, model, tokenizer, mesh=None, rules=()):
+        from jaxtune.engine import Engine
+
+        self.engine, self.tokenizer = Engine(model, mesh, rules), tokenizer
+
+    def complete(
+        self,
+        prompts: list,
+        max_new_tokens: int = 32,
+        sampler: Sampler = GREEDY,
+        seed: int = 0,
+        chat: bool = False,
+        stop: tuple = (),
+        stream=None,
+    ) -> list[Completion]:
+        """One :class:`Completion` per prompt (text or messages). ``stop``: texts that end a completion
+        (left out of it); ``stream(text)`` receives the first row's new text as it comes."""
+        tok = self.tokenizer
+        ids = [encode(tok, p, chat) for p in prompts]
+        printed = [0]
+
+        def on_token(row, so_far):
+            if not (stop or (stream and row == 0)):
+                return False
+            text = tok.decode(so_far, skip_special_tokens=True)
+            hit = any(s in text for s in stop)
+            if stream and row == 0:
+                shown = _cut(text, stop) if hit else text
+                stream(shown[printed[0] :])
+                printed[0] = len(shown)
+            return hit
+
+        rows = self.engine.generate(
+            ids, max_new_tokens, sampler, seed, _stop_ids(tok), _pad_id(tok), on_token
+        )
+        return [
+            Completion(p, _cut(tok.decode(r, skip_special_tokens=True), stop), r)
+            for p, r in zip(prompts, rows, strict=True)
+        ]
+
+
+def _cut(text: str, stop) -> str:
+    """``text`` up to the first of the ``stop`` strings it holds."""
+    ends = [text.find(s) for s in stop if s in text]
+    return text[: min(ends)] if ends else text
+
+
+def generate_ids(
+    model,
+    input_ids,
+    attention_mask=None,
+    max_new_tokens=32,
+    eos_token_id=None,
+    pad_token_id=0,
+    sampler: Sampler = GREEDY,
+    seed: int = 0,
+):
+    """The continuation of each row of (padded) ``input_ids``: a list of token-id lists, each ending
+    at the first EOS (included) or after ``max_new_tokens``. Greedy unless ``sampler`` says otherwise."""
+    from jaxtune.engine import Engine
+
     ids = np.asarray(input_ids, np.int32)
     mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, np.int32)
-    eos = np.asarray([] if eos_token_id is None else np.atleast_1d(eos_token_id), np.int32)
-    graphdef, state = nnx.split(model)
-    new, valid = _greedy(graphdef, state, ids, mask, eos, pad_token_id, max_new_tokens)
-    new, valid = np.asarray(new), np.asarray(valid).astype(bool)
-    return [row[keep].tolist() for row, keep in zip(new, valid, strict=True)]
+    prompts = [row[keep > 0].tolist() for row, keep in zip(ids, mask, strict=True)]
+    eos = () if eos_token_id is None else tuple(int(e) for e in np.atleast_1d(eos_token_id))
+    return Engine(model).generate(prompts, max_new_tokens, sampler, seed, eos, pad_token_id)
 
 
-def generate(model, tokenizer, prompt_or_messages, max_new_tokens=32) -> str:
-    """Greedy text continuation of a prompt string, or the assistant's answer to a list of chat
-    messages (``[{"role": "user", "content": ...}]``, rendered with the tokenizer's chat template)."""
-    if isinstance(prompt_or_messages, str):
-        ids = tokenizer(prompt_or_messages)["input_ids"]
-    else:
-        ids = tokenizer.apply_chat_template(
-            list(prompt_or_messages), add_generation_prompt=True, tokenize=True
+def generate(model, tokenizer, prompt_or_messages, max_new_tokens=32, **options) -> str:
+    """The continuation of a prompt string, or the assistant's answer to a list of chat messages
+    (``[{"role": "user", "content": ...}]``, rendered with the tokenizer's chat template). ``options``:
+    ``temperature``, ``top_k``, ``top_p``, ``repetition_penalty`` (see :class:`Sampler`), ``seed``,
+    ``stop`` (texts that end it)."""
+    seed, stop = options.pop("seed", 0), tuple(options.pop("stop", ()))
+    out = Generator(model, tokenizer).complete(
+        [prompt_or_messages], max_new_tokens, Sampler(**options), seed, stop=stop
+    )
+    return out[0].text
+
+
+def prompts_from(args) -> list:
+    """The ``--prompt`` texts, or the prompts of ``--input``'s lines (``prompt`` or ``messages``)."""
+    if args.prompt:
+        if not all(p.strip() for p in args.prompt):
+            raise UsageError("--prompt is empty; give the text to continue")
+        return list(args.prompt)
+    out = []
+    try:
+        with open(args.input, encoding="utf-8") as f:
+            lines = f.readlines()
+    except FileNotFoundError as e:
+        raise DataError(f"--input {args.input}: no such file") from e
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{args.input}:{n}: not a JSON object ({e.msg}); one object per line") from e
+        prompt = record.get("messages", record.get("prompt")) if isinstance(record, dict) else None
+        ok = isinstance(prompt, str) and prompt.strip()
+        ok = ok or (isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt))
+        if not ok:
+            raise DataError(
+                f'{args.input}:{n}: needs "prompt" (a text) or "messages" (a list of role/content objects)'
+            )
+        out.append(prompt)
+    if not out:
+        raise DataError(f"--input {args.input}: holds no prompt")
+    return out
+
+
+def load(args):
+    """(model, tokenizer) of ``--model``: a training run's checkpoint or a model."""
+    import os
+
+    from jaxtune.checkpoint import load_model
+
+    is_run = os.path.isfile(os.path.join(args.model.split("/checkpoints")[0], "model", "config.json"))
+    model, tokenizer = load_model(args.model if is_run else None, None if is_run else args.model)
+    if args.adapter:
+        from jaxtune import adapter
+
+        model = adapter.load(model, args.adapter)
+    if model.task.name != "causal_lm":
+        raise ModelError(f"{args.model}: a {model.task.name} model; generate needs a causal language model")
+    if tokenizer is None:
+        raise ModelError(f"{args.model}: no tokenizer to read the prompts with; pass a model that has one")
+    return model, tokenizer
+
+
+def run(args) -> None:
+    from jaxtune.predict import writable
+
+    if args.output:
+        writable("--output", args.output)
+    if args.batch_size < 1 or args.max_new_tokens < 1:
+        raise UsageError("--batch_size and --max_new_tokens must be at least 1")
+    sampler = Sampler(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
+    prompts = prompts_from(args)
+    model, tokenizer = load(args)
+    gen = Generator(model, tokenizer)
+    stream = None
+    if len(prompts) == 1 and not args.output:
+
+        def stream(text):
+            sys.stdout.write(text)
+            sys.stdout.flush()
+
+    from tqdm.auto import tqdm
+
+    done = []
+    starts = range(0, len(prompts), args.batch_size)
+    for start in tqdm(starts, desc="generate", unit="batch", disable=len(starts) < 2, leave=False):
+        chunk = prompts[start : start + args.batch_size]
+        done += gen.complete(
+            chunk, args.max_new_tokens, sampler, args.seed + start, args.chat, tuple(args.stop), stream
         )
-        if isinstance(ids, dict) or hasattr(ids, "keys"):
-            ids = ids["input_ids"]
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or 0)
-    out = generate_ids(model, [ids], max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad)[0]
-    return tokenizer.decode(out, skip_special_tokens=True)
+    if stream:
+        sys.stdout.write("\n")
+        return
+    lines = "".join(
+        json.dumps({"prompt": c.prompt, "completion": c.text, "token_ids": c.token_ids}) + "\n" for c in done
+    )
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as f:
+            f.write(lines)
+    else:
+        sys.stdout.write(lines)
+
+
+def main(argv=None) -> int:
+    p = cli.parser("generate", __doc__)
+    p.add_argument("--model", required=True, help="model directory, hub id, .gguf file or training run")
+    inputs = p.add_mutually_exclusive_group(required=True)
+    inputs.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    inputs.add_argument("--input", help="JSONL file: one {prompt} or {messages} object per line")
+    p.add_argument("--chat", action="store_true", help="text prompts as a user message (chat template)")
+    p.add_argument("--max_new_tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top_k", type=int, default=0, help="0 = off")
+    p.add_argument("--top_p", type=float, default=1.0, help="1 = off")
+    p.add_argument("--repetition_penalty", type=float, default=1.0, help="1 = off")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop", action="append", default=[], help="a text that ends a completion (repeatable)")
+    p.add_argument("--batch_size", type=int, default=8, help="prompts generated together")
+    p.add_argument("--adapter", help="a PEFT LoRA adapter directory to apply to the model")
+    p.add_argument("--output", help="JSONL file to write (default: standard output)")
+    return cli.main(p, run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -109,6 +109,11 @@ WEIGHT_FILES = (
 )
 
 
+def read_safetensors(path: str) -> Tensors:
+    """The tensors of one safetensors file, read on access."""
+    return Tensors(_safetensors_readers(path))
+
+
 def read_checkpoint(model_dir: str) -> Tensors:
     """All weight tensors of a Hugging Face model directory (single or sharded, safetensors or .bin)."""
     for name, indexed, reader in WEIGHT_FILES:

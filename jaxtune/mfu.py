@@ -67,9 +67,11 @@ def peak_flops_per_device(override_tflops: float = 0.0) -> float:
     return 0.0
 
 
-def flops_per_token(cfg, seq_len: int, output_layer: bool = True) -> float:
+def flops_per_token(cfg, seq_len: int, output_layer: bool = True, adapter_params: int | None = None) -> float:
     """Training FLOPs per token (forward + backward); ``output_layer``: the vocabulary projection of a
-    language model (a classifier's head is negligible)."""
+    language model (a classifier's head is negligible). ``adapter_params``: with LoRA, the adapters'
+    parameter count: the frozen base then costs 4 FLOPs per weight and token (forward, and the
+    backward pass through it, but no weight gradient), the adapters 6."""
     d, f, n, k, h, L = (
         cfg.hidden_size,
         cfg.intermediate_size,
@@ -81,4 +83,7 @@ def flops_per_token(cfg, seq_len: int, output_layer: bool = True) -> float:
     attn_proj = d * h * (2 * n + 2 * k)  # q, o and k, v
     mlp = d * f * (3 if cfg.gated_mlp else 2)
     matmul_params = L * (attn_proj + mlp) + (d * cfg.vocab_size if output_layer else 0)
-    return 6.0 * matmul_params + 12.0 * L * n * h * seq_len
+    attention = 12.0 * L * n * h * seq_len
+    if adapter_params is not None:
+        return 4.0 * matmul_params + 6.0 * adapter_params + attention
+    return 6.0 * matmul_params + attention

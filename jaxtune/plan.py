@@ -29,7 +29,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxtune import optim, pretrained, sharding, steps
+from jaxtune import adapter, optim, pretrained, sharding, steps
 from jaxtune.config import validate
 from jaxtune.errors import ConfigError, TrainingError
 from jaxtune.models import heads, presets
@@ -49,15 +49,20 @@ def _label_kwargs(labels) -> dict:
     return {"problem_type": labels.problem_type, "id2label": list(labels.names)}
 
 
-def load_model(config, mesh, rules, labels=None):
+def load_model(config, mesh, rules, labels=None, lora=None):
     """The model of ``config.model.path`` (a preset name: random init) in ``param_dtype``, in its shards;
     a classifier gets ``labels`` (a :class:`jaxtune.models.heads.Labels`) as its id2label and
-    problem_type."""
+    problem_type; ``lora`` (the :class:`ModelSpec`'s): adapters, ``model.adapter``'s weights when set."""
     c = config.model
-    kwargs = dict(task=c.task, seed=config.train.seed, mesh=mesh, rules=rules) | _label_kwargs(labels)
+    kwargs = dict(task=c.task, seed=config.train.seed, mesh=mesh, rules=rules, lora=lora)
+    kwargs |= _label_kwargs(labels)
     if c.path in presets.PRESETS:
-        return pretrained.model_from_config(presets.hf_config(c.path), c.param_dtype, **kwargs)
-    return pretrained.load_pretrained(c.path, c.param_dtype, new_head=c.new_head, **kwargs)
+        model = pretrained.model_from_config(presets.hf_config(c.path), c.param_dtype, **kwargs)
+    else:
+        model = pretrained.load_pretrained(c.path, c.param_dtype, new_head=c.new_head, **kwargs)
+    if c.adapter:
+        adapter.fill(model, c.adapter)
+    return model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +74,8 @@ class ModelSpec:
     state: object  # nnx.State of jax.ShapeDtypeStruct
     cfg: object
     task: heads.Task
+    lora: object = None  # a lora.LoraSpec when adapters train
+    table: tuple = ()  # the family's weight table for the task
 
 
 def model_spec(config, labels=None) -> ModelSpec:
@@ -91,9 +98,26 @@ def model_spec(config, labels=None) -> ModelSpec:
     task = pretrained.resolve_task(hf, fam, where, c.task, new_head=new_head, **_label_kwargs(labels))
     dtype = jnp.dtype(c.param_dtype)
     seed = config.train.seed
-    abstract = nnx.eval_shape(lambda: fam.MODEL(cfg, task, rngs=nnx.Rngs(seed), dtype=dtype))
+    lora = adapter.spec_from_config(config)
+    if lora is not None and c.adapter:  # a PEFT adapter names Hugging Face modules: ours from the table
+        base = nnx.eval_shape(lambda: fam.MODEL(cfg, task, rngs=nnx.Rngs(seed), dtype=dtype))
+        lora = adapter.resolve(lora, c.adapter, base)
+    try:
+        abstract = nnx.eval_shape(lambda: fam.MODEL(cfg, task, rngs=nnx.Rngs(seed), dtype=dtype, lora=lora))
+    except ValueError as e:
+        if lora is None:
+            raise
+        raise ConfigError(f"config key {e}") from e
     graphdef, state = nnx.split(abstract)
-    return ModelSpec(graphdef, state, cfg, task)
+    return ModelSpec(graphdef, state, cfg, task, lora, fam.hf_table(cfg, task))
+
+
+def _floating_as(x, dtype):
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        return x
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(x.shape, jnp.dtype(dtype), sharding=x.sharding)
+    return x.astype(dtype)
 
 
 def _abstract(tree, shardings):
@@ -167,9 +191,14 @@ class Plan:
         """(train state, frozen parameters) on the mesh: the checkpoint's weights loaded into their
         shards, or a preset initialised in ``jit`` (``model``: one :func:`load_model` already made);
         optimizer state initialised in ``jit``."""
-        model = model if model is not None else load_model(self.config, self.mesh, self.rules, labels)
+        if model is None:
+            model = load_model(self.config, self.mesh, self.rules, labels, self.spec.lora)
         frozen, params = optim.split(nnx.to_pure_dict(nnx.state(model)), self.is_frozen)
         del model
+        want = self.abstract["frozen"]
+        frozen = jax.tree.map(
+            lambda x, a: x if x.dtype == a.dtype else _floating_as(x, a.dtype), frozen, want
+        )
         state = {
             "params": params,
             "opt_state": jax.jit(self.tx.init, out_shardings=self.shardings["opt_state"])(params),
@@ -190,8 +219,18 @@ def plan(
     state = nnx.to_pure_dict(spec.state)
     model_shardings = sharding.state_shardings(spec.state, mesh, rules)
     is_frozen = optim.frozen_matcher(config.optimizer.frozen)
+    adapters_only = adapter.trainable(spec.lora, spec.table)
+    if adapters_only is not None:  # LoRA: the adapters train (and a classifier's head); the base is frozen
+        frozen_by_config = is_frozen
+
+        def is_frozen(path):
+            return frozen_by_config(path) or not adapters_only(path)
+
     frozen, params = optim.split(state, is_frozen)
     frozen_sh, params_sh = optim.split(model_shardings, is_frozen)
+    base_dtype = config.lora.base_dtype if spec.lora is not None else ""
+    if base_dtype:  # the frozen base stored in a smaller dtype (it is cast to compute_dtype anyway)
+        frozen = jax.tree.map(lambda x: _floating_as(x, base_dtype), frozen)
     if not params:
         raise ConfigError(
             f"config key optimizer.frozen = {config.optimizer.frozen!r} freezes every parameter"
@@ -224,6 +263,7 @@ def plan(
         dropout=config.model.dropout,
         seed=config.train.seed,
         options=options,
+        adapter_dropout=bool(spec.lora is not None and spec.lora.dropout),
     )
     state_sh = {k: shardings[k] for k in ("params", "opt_state", "step")}
     # state: sharded like the parameters and donated, since the old state is dead after the step;

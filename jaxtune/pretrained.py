@@ -3,6 +3,7 @@ Hugging Face PyTorch-loadable directories out."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -17,11 +18,13 @@ from flax import nnx
 from jaxtune import hf, sharding
 from jaxtune.errors import ModelError, ModelNotFound, first_line
 from jaxtune.models import heads
+from jaxtune.models import lora as adapters
 from jaxtune.models.encoder import Encoder
 from jaxtune.models.registry import class_name, family
 
 log = logging.getLogger(__name__)
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+LORA_SPEC = "lora.json"  # in a run's model/ directory: the adapters its checkpoints hold
 HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
 
 
@@ -102,15 +105,17 @@ def _head_layer(path: str) -> bool:
     return path.split(".")[0] in ("score", "classifier")
 
 
-def _build(fam, cfg, task: heads.Task, tensors, dtype, seed: int, new_head: bool, mesh=None, rules=()):
+def _build(
+    fam, cfg, task: heads.Task, tensors, dtype, seed: int, new_head: bool, mesh=None, rules=(), lora=None
+):
     """Create the model abstractly, fill each parameter from its checkpoint tensor, and initialise the
     head parameters the checkpoint does not have (seeded, as transformers initialises them).
 
     With a ``mesh``, each parameter goes straight into its shards (``rules`` map logical axis names to
     mesh axes): each device's block is read from the checkpoint alone (per layer of a stacked
     ``[layers, ...]`` parameter), so a host reads and holds its devices' share of the model, never all
-    of it."""
-    abstract = nnx.eval_shape(lambda: fam.MODEL(cfg, task, rngs=nnx.Rngs(seed), dtype=dtype))
+    of it. ``lora``: a :class:`lora.LoraSpec` whose adapters start as they always do (B zero)."""
+    abstract = nnx.eval_shape(lambda: fam.MODEL(cfg, task, rngs=nnx.Rngs(seed), dtype=dtype, lora=lora))
     graphdef, state = nnx.split(abstract)
     by_name = _by_path(state)
 
@@ -121,7 +126,7 @@ def _build(fam, cfg, task: heads.Task, tensors, dtype, seed: int, new_head: bool
         where = sharding.param_sharding(by_name[path], mesh, rules)
         return sharding.put_blocks(value, where) if lazy else sharding.put(np.asarray(value), where)
 
-    shapes = {path: var.shape for path, var in by_name.items()}
+    shapes = {path: var.shape for path, var in by_name.items() if not adapters.is_adapter(path)}
     fresh_heads = fam.MODEL.make_head(cfg, task, rngs=nnx.Rngs(seed), dtype=dtype)
     head_paths = {path for path in shapes if path.split(".")[0] in fresh_heads}
     table = fam.hf_table(cfg, task)
@@ -148,6 +153,16 @@ def _build(fam, cfg, task: heads.Task, tensors, dtype, seed: int, new_head: bool
             seed,
             ", ".join(fresh),
         )
+    if lora is not None:
+        fan_in = {
+            f"{path}.{name}": spec[2]
+            for path, module in adapters.targeted(abstract, lora)
+            for name, spec in adapters.shapes(module, lora.rank).items()
+        }
+        for path, var in by_name.items():
+            if adapters.is_adapter(path):
+                value = adapters.initial(path, var.shape, var.dtype, fan_in[path], lora.seed)
+                by_name[path].set_value(place(path, np.asarray(value)))
     return nnx.merge(graphdef, state)
 
 
@@ -199,6 +214,7 @@ def load_pretrained(
     seed=0,
     mesh=None,
     rules=(),
+    lora=None,
 ):
     """Load a pretrained model from a Hugging Face directory, a hub id or a GGUF file.
 
@@ -209,7 +225,8 @@ def load_pretrained(
     is initialised from ``seed`` as transformers would, with ``num_labels`` / ``id2label`` labels and
     ``problem_type`` (single_label_classification, multi_label_classification or regression).
     With a ``mesh``, parameters are loaded straight into their shards (``rules``: logical axis name ->
-    mesh axes, as in config.mesh.rules).
+    mesh axes, as in config.mesh.rules). ``lora``: a :class:`jaxtune.models.lora.LoraSpec`, adapters
+    beside the layers it targets (starting at zero: the model computes what the checkpoint does).
 
     Returns a model callable as ``model(input_ids, attention_mask=None, token_type_ids=None)`` giving
     logits ``[b, t, vocab]``, ``[b, labels]`` or ``[b, t, labels]``, or hidden states for ``base``.
@@ -227,7 +244,7 @@ def load_pretrained(
     try:
         cfg = fam.config_from_hf(hf_config)
         spec = resolve_task(hf_config, fam, local, task, num_labels, id2label, problem_type, new_head)
-        return _build(fam, cfg, spec, tensors, dtype, seed, new_head, mesh, rules)
+        return _build(fam, cfg, spec, tensors, dtype, seed, new_head, mesh, rules, lora)
     except ModelError as e:
         if local in str(e):
             raise
@@ -328,7 +345,7 @@ def write_config(model, out_dir, dtype: str, tokenizer=None) -> None:
         tokenizer.save_pretrained(out_dir)
 
 
-class _OnHost:
+class OnHost:
     """One parameter on its way to the host, whole (``np.asarray``) or a layer at a time (``[i]``):
     gathered from every process when its shards span several (a pod), so an export holds one tensor
     at a time, never the model."""
@@ -357,7 +374,10 @@ def save_pretrained(model, out_dir, tokenizer=None, dtype=None, max_shard_bytes=
     ``transformers.AutoModelFor<Task>.from_pretrained(out_dir)`` loads it with no missing keys.
 
     Tensor by tensor (a layer of a stacked parameter at a time), each shard written when it is full.
-    On a pod every process calls it (the tensors are gathered collectively) and process 0 writes."""
+    On a pod every process calls it (the tensors are gathered collectively) and process 0 writes.
+    A model with LoRA adapters is written merged (``W + scale * A B``), as a plain model."""
+    if getattr(model, "lora", None) is not None:
+        model = adapters.merged(model)
     cfg, task = model.cfg, model.task
     fam = family(cfg.model_type, "model")
     params = {path: v.get_value() for path, v in _by_path(nnx.state(model, nnx.Param)).items()}
@@ -366,7 +386,7 @@ def save_pretrained(model, out_dir, tokenizer=None, dtype=None, max_shard_bytes=
     main = jax.process_index() == 0
     if main:
         write_config(model, out_dir, str(jnp.dtype(saved)), tokenizer)
-    state = {path: _OnHost(value, cast) for path, value in params.items()}
+    state = {path: OnHost(value, cast) for path, value in params.items()}
     hf.write_safetensors(out_dir, hf.state_to_hf(state, fam.hf_table(cfg, task)), max_shard_bytes, write=main)
     return out_dir
 
@@ -382,6 +402,7 @@ def model_from_config(
     seed=0,
     mesh=None,
     rules=(),
+    lora=None,
 ):
     """A freshly initialised model (random weights, as transformers initialises them) for a transformers
     config object: training from scratch. With a ``mesh``, each parameter is created in its shards."""
@@ -393,7 +414,7 @@ def model_from_config(
     dtype = jnp.dtype(dtype)
 
     def create():
-        return fam.MODEL(cfg, spec, rngs=nnx.Rngs(seed), dtype=dtype)
+        return fam.MODEL(cfg, spec, rngs=nnx.Rngs(seed), dtype=dtype, lora=lora)
 
     graphdef, abstract = nnx.split(nnx.eval_shape(create))
     out = None if mesh is None else sharding.state_shardings(abstract, mesh, rules)
@@ -401,11 +422,32 @@ def model_from_config(
     return nnx.merge(graphdef, state)
 
 
+def write_lora(spec, model_dir: str) -> None:
+    """A run's adapters (``workdir/model/lora.json``), so its checkpoints can be rebuilt; none: removed."""
+    where = os.path.join(model_dir, LORA_SPEC)
+    if spec is None:
+        if os.path.exists(where):
+            os.remove(where)
+        return
+    with open(where, "w") as f:
+        json.dump(dataclasses.asdict(spec), f, indent=2, sort_keys=True)
+
+
+def read_lora(model_dir: str):
+    """The :class:`LoraSpec` a run's ``model/`` directory records, or None."""
+    where = os.path.join(model_dir, LORA_SPEC)
+    if not os.path.exists(where):
+        return None
+    with open(where, encoding="utf-8") as f:
+        return adapters.LoraSpec(**json.load(f))
+
+
 def abstract_model(model_dir: str, dtype=jnp.float32):
-    """The model a config.json describes (its task from ``architectures``), with abstract parameters:
-    shapes and dtypes only, to restore a checkpoint into."""
+    """The model a config.json describes (its task from ``architectures``, its LoRA adapters from
+    ``lora.json``), with abstract parameters: shapes and dtypes only, to restore a checkpoint into."""
     hf_config = read_config(model_dir)
     fam = family(hf_config.model_type, model_dir)
     spec = resolve_task(hf_config, fam, model_dir)
     cfg = fam.config_from_hf(hf_config)
-    return nnx.eval_shape(lambda: fam.MODEL(cfg, spec, rngs=nnx.Rngs(0), dtype=jnp.dtype(dtype)))
+    lora = read_lora(model_dir)
+    return nnx.eval_shape(lambda: fam.MODEL(cfg, spec, rngs=nnx.Rngs(0), dtype=jnp.dtype(dtype), lora=lora))

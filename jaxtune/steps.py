@@ -95,6 +95,7 @@ def make_train_step(
     dropout: float = 0.0,
     seed: int = 0,
     options: CallOptions = DEFAULT_OPTIONS,
+    adapter_dropout: bool = False,
 ):
     """``train_step(state, frozen, batch) -> (state, metrics)``; pure, for ``jax.jit``.
 
@@ -102,7 +103,8 @@ def make_train_step(
     micro-batch's summed loss is divided by it up front: the gradients summed over ``accum_steps``
     micro-batches are then those of one step on the whole batch, with no pass to rescale them.
 
-    With a ``dropout`` rate, each step's masks come from ``seed``, the step number and the micro-batch.
+    With a ``dropout`` rate (or ``adapter_dropout``: LoRA adapters with their own rate), each step's
+    masks come from ``seed``, the step number and the micro-batch.
     ``options``: remat and the attention implementation of the forward pass.
     """
 
@@ -110,7 +112,8 @@ def make_train_step(
 
     def loss_fn(params, frozen, batch, denom, key):
         model = nnx.merge(graphdef, cast(params, compute_dtype), cast(frozen, compute_dtype))
-        total, count = objective.loss(model, batch, Dropout(dropout, key) if dropout else None, options)
+        masks = Dropout(dropout, key) if dropout or adapter_dropout else None
+        total, count = objective.loss(model, batch, masks, options)
         return total / denom, count
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)

@@ -26,7 +26,7 @@ from jaxtune.data.loader import Batches
 from jaxtune.errors import ConfigError, TrainingError
 from jaxtune.logical import activation_sharding
 from jaxtune.meter import NonFiniteLoss, StepMeter
-from jaxtune.models import presets
+from jaxtune.models import lora, presets
 from jaxtune.plan import load_model, mesh_rules, model_spec, plan
 from jaxtune.stopping import StopSignals
 from jaxtune.workdir import Lock
@@ -85,7 +85,7 @@ class Run:
                 "vocabulary"
             )
         # The weights load before the data are tokenized: a damaged checkpoint is found in seconds.
-        model = load_model(config, mesh, mesh_rules(config), self.labels)
+        model = load_model(config, mesh, mesh_rules(config), self.labels, spec.lora)
         train_rows, self.eval_rows = data.load(config.data, self.tokenizer, c.seed, self.labels)
         pid = jax.process_index()
         self.batches = Batches(
@@ -107,14 +107,32 @@ class Run:
             model_dir = os.path.join(workdir, "model")
             model = self.plan.spec.graphdef, self.state, self.frozen
             pretrained.write_config(_merged(*model), model_dir, config.model.param_dtype, self.tokenizer)
+            pretrained.write_lora(spec.lora, model_dir)
             with open(os.path.join(workdir, "config.json"), "w") as f:
                 f.write(config.to_json_best_effort(indent=2, sort_keys=True))
         self.peak = mfu.peak_flops_per_device(c.peak_tflops) * len(devices)
+        count = sum(x.size for x in jax.tree.leaves(self.plan.abstract["params"]))
+        self.adapter_params = None  # LoRA: the adapters' size, for the step's FLOPs
+        if spec.lora is not None:
+            self.adapter_params = sum(
+                x.size
+                for p, x in zip(
+                    optim.paths(self.plan.abstract["params"]),
+                    jax.tree.leaves(self.plan.abstract["params"]),
+                    strict=True,
+                )
+                if lora.is_adapter(p)
+            )
+        total = count + sum(x.size for x in jax.tree.leaves(self.plan.abstract["frozen"]))
+        log.info("trainable parameters: %s of %s (%.2f%%)", f"{count:,}", f"{total:,}", 100 * count / total)
 
     def _cost(self, length: int) -> tuple[int, float]:
         """Tokens and training FLOPs of a step whose rows are ``length`` long."""
         tokens = self.config.train.batch_size * length
-        flops = mfu.flops_per_token(self.plan.spec.cfg, length, self.plan.objective.causal) * tokens
+        flops = (
+            mfu.flops_per_token(self.plan.spec.cfg, length, self.plan.objective.causal, self.adapter_params)
+            * tokens
+        )
         return tokens, flops
 
     def _resume(self, ckpt, best: BestTracker) -> int:

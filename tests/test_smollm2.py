@@ -76,18 +76,35 @@ def test_logits_match_transformers_in_float64(smollm2, messages):
 
 
 def test_greedy_generation_matches_transformers(smollm2):
+    """3 chat prompts x 32 new tokens, batched with left padding, token for token against
+    transformers' generate (its KV cache, positions from the attention mask)."""
     path, model, tokenizer = smollm2
     ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    enc = tokenizer.apply_chat_template(
-        MESSAGES, add_generation_prompt=True, return_dict=True, return_tensors="pt"
-    )
-    want = ref.generate(**enc, do_sample=False, max_new_tokens=20)[0, enc["input_ids"].shape[1] :].tolist()
+    chats = [MESSAGES, QUESTION, [{"role": "user", "content": "Name three colours."}]]
+    prompts = [
+        tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=True, return_dict=True)[
+            "input_ids"
+        ]
+        for m in chats
+    ]
+    t = max(map(len, prompts))
+    pad = tokenizer.pad_token_id
+    ids = torch.tensor([[pad] * (t - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (t - len(p)) + [1] * len(p) for p in prompts])
+    with torch.no_grad():
+        out = ref.generate(
+            input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=32, pad_token_id=pad
+        )
+    eos = tokenizer.eos_token_id
+    want = []
+    for row in out[:, t:].tolist():  # transformers pads a row after its EOS; jaxtune ends it there
+        want.append(row[: row.index(eos) + 1] if eos in row else row)
     got = jaxtune.generate_ids(
-        model, enc["input_ids"].numpy(), max_new_tokens=20, eos_token_id=tokenizer.eos_token_id
-    )[0]
-    assert len(want) == 20 and got == want
-    text = jaxtune.generate(model, tokenizer, MESSAGES, max_new_tokens=20)
-    assert text == tokenizer.decode(want, skip_special_tokens=True)
+        model, ids.numpy(), mask.numpy(), max_new_tokens=32, eos_token_id=eos, pad_token_id=pad
+    )
+    assert got == want and max(map(len, got)) == 32
+    text = jaxtune.generate(model, tokenizer, MESSAGES, max_new_tokens=32)
+    assert text == tokenizer.decode(want[0], skip_special_tokens=True)
 
 
 def test_gguf_file_loads_directly(smollm2):

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from jaxtune.errors import ModelError
 from jaxtune.logical import constrain
 from jaxtune.models import heads, layers
+from jaxtune.models import lora as adapters
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,15 +79,22 @@ class Block(nnx.Module):
                 d, cfg.norm, cfg.norm_eps, rngs=rngs, dtype=dtype, names=("embed",)
             )
 
-    def __call__(self, x_btd, positions_bt, mask_bts, dropout=None, options=layers.DEFAULT_OPTIONS):
-        h = self.attn(self.attn_norm(x_btd), positions_bt, mask_bts, dropout, options)
+    def __call__(
+        self, x_btd, positions_bt, mask_bts, dropout=None, options=layers.DEFAULT_OPTIONS, cache=None
+    ):
+        """The layer's output; with a ``cache`` (see :class:`layers.Attention`), also the new tokens'
+        keys and values."""
+        h = self.attn(self.attn_norm(x_btd), positions_bt, mask_bts, dropout, options, cache)
+        if cache is not None:
+            h, new_kv = h
         if self.sandwich:
             h = self.post_attn_norm(h)
         x_btd = x_btd + layers.drop(dropout, h, layers.Dropout.ATTN_OUT)
-        h = self.mlp(self.mlp_norm(x_btd))
+        h = self.mlp(self.mlp_norm(x_btd), dropout)
         if self.sandwich:
             h = self.post_mlp_norm(h)
-        return x_btd + layers.drop(dropout, h, layers.Dropout.MLP_OUT)
+        x_btd = x_btd + layers.drop(dropout, h, layers.Dropout.MLP_OUT)
+        return x_btd if cache is None else (x_btd, new_kv)
 
 
 class Decoder(nnx.Module):
@@ -98,7 +107,13 @@ class Decoder(nnx.Module):
     """
 
     def __init__(
-        self, cfg: DecoderConfig, task: heads.Task = heads.CAUSAL_LM, *, rngs: nnx.Rngs, dtype=jnp.float32
+        self,
+        cfg: DecoderConfig,
+        task: heads.Task = heads.CAUSAL_LM,
+        *,
+        rngs: nnx.Rngs,
+        dtype=jnp.float32,
+        lora=None,
     ):
         self.cfg, self.task = cfg, task
         init = layers.normal(cfg.init_std)
@@ -117,6 +132,9 @@ class Decoder(nnx.Module):
             )
         for name, module in self.make_head(cfg, task, rngs=rngs, dtype=dtype).items():
             setattr(self, name, module)
+        self.lora = lora  # a lora.LoraSpec: adapters beside the dense layers it targets
+        if lora is not None:
+            adapters.add(self, lora)
 
     @staticmethod
     def make_head(cfg: DecoderConfig, task: heads.Task, *, rngs, dtype) -> dict:
@@ -149,12 +167,7 @@ class Decoder(nnx.Module):
         if position_ids is None:
             position_ids = layers.default_positions(attention_mask, segment_ids, b, t)
         position_ids = jnp.asarray(position_ids)
-        x_btd = self.embed[...][input_ids]
-        if cfg.embed_scale:
-            x_btd = x_btd * jnp.asarray(cfg.hidden_size**0.5, dtype=x_btd.dtype)
-        if cfg.position == "learned":
-            x_btd = x_btd + self.pos_embed[...][position_ids]
-        x_btd = constrain(layers.drop(dropout, x_btd, layers.Dropout.EMBED), layers.ACTIVATION)
+        x_btd = self._embed(input_ids, position_ids, dropout)
 
         def step(block, x_btd, per_layer):
             window, index = per_layer
@@ -167,6 +180,70 @@ class Decoder(nnx.Module):
         per_layer = (jnp.asarray(cfg.windows, jnp.int32), jnp.arange(cfg.num_layers))
         x_btd = layers.scan(self.layers, x_btd, per_layer, step, options.remat)
         return self.final_norm(x_btd)
+
+    def _embed(self, input_ids, position_ids, dropout=None):
+        cfg = self.cfg
+        x_btd = self.embed[...][input_ids]
+        if cfg.embed_scale:
+            x_btd = x_btd * jnp.asarray(cfg.hidden_size**0.5, dtype=x_btd.dtype)
+        if cfg.position == "learned":
+            x_btd = x_btd + self.pos_embed[...][position_ids]
+        return constrain(layers.drop(dropout, x_btd, layers.Dropout.EMBED), layers.ACTIVATION)
+
+    def empty_cache(self, batch: int, length: int, dtype) -> dict:
+        """A key/value cache of ``length`` slots for ``batch`` rows: ``k`` and ``v`` [l, b, s, k, h]."""
+        cfg = self.cfg
+        shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+        return {name: constrain(jnp.zeros(shape, dtype), layers.CACHE) for name in ("k", "v")}
+
+    def extend(
+        self,
+        input_ids,
+        position_ids,
+        cache: dict,
+        key_mask,
+        slot,
+        options=layers.DEFAULT_OPTIONS,
+        blocks=None,
+    ):
+        """``t`` new tokens (``input_ids`` [b, t] at ``position_ids``) against a key/value cache, written
+        at slots ``slot ... slot + t - 1``: (final-norm hidden states [b, t, d], the cache with their
+        keys and values). ``key_mask`` [b, s]: the slots that hold tokens, the new ones included. A
+        prefill is one call over the prompt at slot 0, a decode step one call per token.
+
+        Each layer reads its slice of the cache; only the new keys and values leave the layers and go
+        into the cache in one update, so a donated cache is updated in place. ``blocks``: the layers as
+        separate modules (one array per weight and layer), run one after the other instead of
+        scanned; on CPU a scanned layer copies its slice of every stacked weight first, which doubles
+        the memory traffic of a decode step."""
+        cfg = self.cfg
+        input_ids, position_ids = jnp.asarray(input_ids), jnp.asarray(position_ids)
+        t = input_ids.shape[1]
+        x_btd = self._embed(input_ids, position_ids)
+
+        def step(block, x_btd, per_layer):
+            window, k_bskh, v_bskh = per_layer
+            mask_bts = layers.cache_mask_bts(key_mask, slot, t, window)
+            x_btd, new_kv = block(x_btd, position_ids, mask_bts, None, options, (k_bskh, v_bskh, slot))
+            return constrain(x_btd, layers.ACTIVATION), new_kv
+
+        if blocks is None:
+            per_layer = (jnp.asarray(cfg.windows, jnp.int32), cache["k"], cache["v"])
+            x_btd, (k_lbtkh, v_lbtkh) = layers.scan(self.layers, x_btd, per_layer, step, outputs=True)
+        else:
+            new = []
+            for i, block in enumerate(blocks):
+                x_btd, kv = step(block, x_btd, (cfg.windows[i], cache["k"][i], cache["v"][i]))
+                new.append(kv)
+            k_lbtkh, v_lbtkh = (jnp.stack([kv[j] for kv in new]) for j in (0, 1))
+        cache = {
+            name: constrain(
+                jax.lax.dynamic_update_slice_in_dim(cache[name], new.astype(cache[name].dtype), slot, axis=2),
+                layers.CACHE,
+            )
+            for name, new in (("k", k_lbtkh), ("v", v_lbtkh))
+        }
+        return self.final_norm(x_btd), cache
 
     def logits(self, x_btd):
         """Vocabulary logits for hidden states (tied or separate head, Gemma 2 soft-capping)."""

@@ -16,6 +16,7 @@ from flax import nnx
 from jaxtune.errors import ModelError
 from jaxtune.logical import constrain
 from jaxtune.models import heads, layers
+from jaxtune.models import lora as adapters
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +77,7 @@ class EncoderBlock(nnx.Module):
     def __call__(self, x_btd, mask_bts, dropout=None, options=layers.DEFAULT_OPTIONS):
         h = layers.drop(dropout, self.attn(x_btd, None, mask_bts, dropout, options), layers.Dropout.ATTN_OUT)
         x_btd = self.attn_norm(x_btd + h)
-        return self.mlp_norm(x_btd + layers.drop(dropout, self.mlp(x_btd), layers.Dropout.MLP_OUT))
+        return self.mlp_norm(x_btd + layers.drop(dropout, self.mlp(x_btd, dropout), layers.Dropout.MLP_OUT))
 
 
 class Encoder(nnx.Module):
@@ -87,7 +88,7 @@ class Encoder(nnx.Module):
     or the last hidden states ``[b, t, d]`` (``base``).
     """
 
-    def __init__(self, cfg: EncoderConfig, task: heads.Task, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    def __init__(self, cfg: EncoderConfig, task: heads.Task, *, rngs: nnx.Rngs, dtype=jnp.float32, lora=None):
         if task.name == "causal_lm":
             raise ModelError(
                 f"{cfg.model_type} is an encoder and has no causal_lm head in jaxtune; use "
@@ -103,6 +104,9 @@ class Encoder(nnx.Module):
         self.layers = layers.stack(cfg.num_layers, lambda r: EncoderBlock(cfg, rngs=r, dtype=dtype), rngs)
         for name, module in self.make_head(cfg, task, rngs=rngs, dtype=dtype).items():
             setattr(self, name, module)
+        self.lora = lora  # a lora.LoraSpec: adapters beside the dense layers it targets
+        if lora is not None:
+            adapters.add(self, lora)
 
     @staticmethod
     def make_head(cfg: EncoderConfig, task: heads.Task, *, rngs, dtype) -> dict:

@@ -34,6 +34,7 @@ AXIS_NAMES = (
     "norm",
     "types",
     "labels",
+    "lora_rank",
 )
 
 
@@ -67,6 +68,9 @@ DEFAULT_OPTIONS = CallOptions()
 
 
 ACTIVATION = ("batch", "length", "act_embed")  # logical names of the residual stream [b, t, d]
+# A generation's key/value cache [l, b, s, k, h], stacked over layers like the parameters; sharded over
+# the batch and the key/value heads as the activations and attention weights are.
+CACHE = ("layers", "batch", "length", "kv_heads", "head_dim")
 
 
 def param(rngs: nnx.Rngs, init, shape, names, dtype) -> nnx.Param:
@@ -126,8 +130,9 @@ class Dropout:
     """
 
     # Sites, where BERT and GPT-2 apply theirs: the embeddings, the attention probabilities, the
-    # attention and MLP outputs before their residual sums, and the classifier's input.
-    EMBED, ATTN_PROBS, ATTN_OUT, MLP_OUT, HEAD, LAYERS = range(6)
+    # attention and MLP outputs before their residual sums, and the classifier's input; then LoRA
+    # adapters' inputs, each at its own rate, one site per adapter.
+    EMBED, ATTN_PROBS, ATTN_OUT, MLP_OUT, HEAD, LAYERS, LORA = range(7)
 
     def __init__(self, rate: float, key):
         self.rate, self.key = rate, key
@@ -135,13 +140,18 @@ class Dropout:
     def layer(self, index) -> Dropout:
         return Dropout(self.rate, jax.random.fold_in(jax.random.fold_in(self.key, self.LAYERS), index))
 
-    def __call__(self, x, site: int):
-        keep = jax.random.bernoulli(jax.random.fold_in(self.key, site), 1.0 - self.rate, x.shape)
-        return jnp.where(keep, x / (1.0 - self.rate), 0).astype(x.dtype)
+    def __call__(self, x, site: int, rate: float | None = None):
+        rate = self.rate if rate is None else rate
+        keep = jax.random.bernoulli(jax.random.fold_in(self.key, site), 1.0 - rate, x.shape)
+        return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+    def adapter(self, x, site: int, rate: float):
+        """Dropout on the input of LoRA adapter number ``site``."""
+        return self(x, self.LORA + 1 + site, rate) if rate else x
 
 
 def drop(dropout: Dropout | None, x, site: int):
-    return x if dropout is None else dropout(x, site)
+    return x if dropout is None or not dropout.rate else dropout(x, site)
 
 
 def for_layer(dropout: Dropout | None, index):
@@ -250,6 +260,17 @@ def attention_mask_bts(attention_mask_bs, segment_ids_bt, length: int, window=0,
     return mask
 
 
+def cache_mask_bts(key_mask_bs, slot, length: int, window=0):
+    """Boolean mask [b, t, s] of ``length`` new tokens at cache slots ``slot ...`` against every slot:
+    the key's slot is not after the query's, holds a token (``key_mask_bs``; left padding does not),
+    and is inside the sliding window. Slots of one row's real tokens are consecutive, so slot
+    distances are token distances, as in :func:`attention_mask_bts`."""
+    q = slot + jnp.arange(length)[:, None]
+    k = jnp.arange(key_mask_bs.shape[1])[None, :]
+    mask = (k <= q) & jnp.where(window > 0, k > q - window, True)
+    return mask[None] & (key_mask_bs[:, None, :] > 0)
+
+
 def attend(
     q_btnh, k_bskh, v_bskh, mask_bts, *, scale: float, softcap: float = 0.0, dropout=None, impl="reference"
 ):
@@ -262,7 +283,7 @@ def attend(
     """
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention implementation {impl!r} is not one of {', '.join(ATTENTION_IMPLS)}")
-    if impl == "xla" and not softcap and dropout is None:
+    if impl == "xla" and not softcap and (dropout is None or not dropout.rate):
         return jax.nn.dot_product_attention(
             q_btnh, k_bskh, v_bskh, mask=mask_bts[:, None], scale=scale, implementation="xla"
         )
@@ -317,35 +338,52 @@ class Attention(nnx.Module):
             self.k_norm = Norm(h, cfg.norm, cfg.norm_eps, rngs=rngs, dtype=dtype, names=("head_dim",))
 
     def __call__(
-        self, x_btd, positions_bt, mask_bts, dropout: Dropout | None = None, options=DEFAULT_OPTIONS
+        self,
+        x_btd,
+        positions_bt,
+        mask_bts,
+        dropout: Dropout | None = None,
+        options=DEFAULT_OPTIONS,
+        cache=None,
     ):
+        """Attention of ``x_btd`` over itself; or, with ``cache = (k_bskh, v_bskh, slot)`` (one layer's
+        cached keys and values and where the new tokens go), over the cache with the new tokens written
+        in: then ``(out, (k_btkh, v_btkh))``, the new tokens' keys and values for the caller to store."""
         cfg = self.cfg
         if cfg.fused_qkv:
-            qkv = self.qkv_proj(x_btd)
+            qkv = self.qkv_proj(x_btd, dropout)
             q_btnh, k_btkh, v_btkh = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         else:
-            q_btnh, k_btkh, v_btkh = self.q_proj(x_btd), self.k_proj(x_btd), self.v_proj(x_btd)
+            q_btnh = self.q_proj(x_btd, dropout)
+            k_btkh, v_btkh = self.k_proj(x_btd, dropout), self.v_proj(x_btd, dropout)
         if cfg.qk_norm:
             q_btnh, k_btkh = self.q_norm(q_btnh), self.k_norm(k_btkh)
         if cfg.position == "rope":
             inv_freq, factor = rope_inv_freq(cfg.head_dim, dict(cfg.rope))
             q_btnh = apply_rope(q_btnh, positions_bt, inv_freq, factor)
             k_btkh = apply_rope(k_btkh, positions_bt, inv_freq, factor)
+        keys, values = k_btkh, v_btkh
+        if cache is not None:
+            k_bskh, v_bskh, slot = cache
+            keys = jax.lax.dynamic_update_slice_in_dim(k_bskh, k_btkh.astype(k_bskh.dtype), slot, axis=1)
+            values = jax.lax.dynamic_update_slice_in_dim(v_bskh, v_btkh.astype(v_bskh.dtype), slot, axis=1)
         out_btnh = attend(
             q_btnh,
-            k_btkh,
-            v_btkh,
+            keys.astype(q_btnh.dtype),
+            values.astype(q_btnh.dtype),
             mask_bts,
             scale=cfg.attn_scale,
             softcap=cfg.attn_softcap,
             dropout=dropout,
             impl=options.attention,
         )
-        return self.o_proj(out_btnh)
+        out = self.o_proj(out_btnh, dropout)
+        return out if cache is None else (out, (k_btkh, v_btkh))
 
 
 class Linear(nnx.Module):
-    """A dense layer whose input and output sides may each span several named dimensions."""
+    """A dense layer whose input and output sides may each span several named dimensions; with a LoRA
+    adapter (``lora_a``, ``lora_b``: see :mod:`jaxtune.models.lora`) it adds ``scale * (x A) B``."""
 
     def __init__(self, in_shape, out_shape, in_names, out_names, bias: bool, init, *, rngs, dtype):
         in_shape = (in_shape,) if isinstance(in_shape, int) else tuple(in_shape)
@@ -355,13 +393,17 @@ class Linear(nnx.Module):
         if bias:
             self.bias = param(rngs, zeros, out_shape, out_names, dtype)
 
-    def __call__(self, x):
-        w = self.kernel[...]
-        y = jax.lax.dot_general(
-            x, w, (((tuple(range(x.ndim - self.n_in, x.ndim))), tuple(range(self.n_in))), ((), ()))
-        )
+    def __call__(self, x, dropout: Dropout | None = None):
+        contract = (tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in)))
+        y = jax.lax.dot_general(x, self.kernel[...], (contract, ((), ())))
         if hasattr(self, "bias"):
             y = y + self.bias[...]
+        if hasattr(self, "lora_a"):
+            if dropout is not None:
+                x = dropout.adapter(x, self.lora_site, self.lora_dropout)
+            h = jax.lax.dot_general(x, self.lora_a[...].astype(x.dtype), (contract, ((), ())))
+            b = self.lora_b[...].astype(x.dtype)
+            y = y + self.lora_scale * jax.lax.dot_general(h, b, (((h.ndim - 1,), (0,)), ((), ())))
         return y
 
 
@@ -377,10 +419,12 @@ class MLP(nnx.Module):
         self.up_proj = Linear(d, f, ("embed",), ("mlp",), cfg.mlp_bias, init, rngs=rngs, dtype=dtype)
         self.down_proj = Linear(f, d, ("mlp",), ("embed",), cfg.mlp_bias, init, rngs=rngs, dtype=dtype)
 
-    def __call__(self, x_btd):
+    def __call__(self, x_btd, dropout: Dropout | None = None):
         if self.gated:
-            return self.down_proj(self.act(self.gate_proj(x_btd)) * self.up_proj(x_btd))
-        return self.down_proj(self.act(self.up_proj(x_btd)))
+            h = self.act(self.gate_proj(x_btd, dropout)) * self.up_proj(x_btd, dropout)
+        else:
+            h = self.act(self.up_proj(x_btd, dropout))
+        return self.down_proj(h, dropout)
 
 
 def default_positions(attention_mask_bt, segment_ids_bt, b: int, t: int):
