@@ -151,25 +151,16 @@ def prompts_from(args) -> list:
         if not all(p.strip() for p in args.prompt):
             raise UsageError("--prompt is empty; give the text to continue")
         return list(args.prompt)
+    from jaxtune.data import sources
+
     out = []
-    try:
-        with open(args.input, encoding="utf-8") as f:
-            lines = f.readlines()
-    except FileNotFoundError as e:
-        raise DataError(f"--input {args.input}: no such file") from e
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{args.input}:{n}: not a JSON object ({e.msg}); one object per line") from e
-        prompt = record.get("messages", record.get("prompt")) if isinstance(record, dict) else None
+    for record, origin in sources.read(args.input):  # JSONL, JSON, CSV, ...: one record per prompt
+        prompt = record.get("messages", record.get("prompt"))
         ok = isinstance(prompt, str) and prompt.strip()
         ok = ok or (isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt))
         if not ok:
             raise DataError(
-                f'{args.input}:{n}: needs "prompt" (a text) or "messages" (a list of role/content objects)'
+                f'{origin}: needs "prompt" (a text) or "messages" (a list of role/content objects)'
             )
         out.append(prompt)
     if not out:

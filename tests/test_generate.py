@@ -224,3 +224,22 @@ def test_cache_mask_is_causal_windowed_and_skips_padding():
     key_mask = jnp.asarray([[0, 1, 1, 1, 1, 0]])
     m = np.asarray(layers.cache_mask_bts(key_mask, 3, 2, window=2))[0]  # queries at slots 3 and 4
     assert m.tolist() == [[False, False, True, True, False, False], [False, False, False, True, True, False]]
+
+
+def test_generation_sharded_over_a_mesh_equals_one_device(tmp_path):
+    """The model in FSDP x tensor shards and the cache constrained under the same rules: same tokens."""
+    from jaxtune import sharding
+    from jaxtune.config import DEFAULT_RULES, defaults
+
+    ref = make_model("llama")
+    ref.save_pretrained(tmp_path / "m")
+    c = defaults()
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 2, 2
+    mesh = sharding.make_mesh(c, jax.devices())
+    sharded = jaxtune.load_pretrained(tmp_path / "m", mesh=mesh, rules=DEFAULT_RULES)
+    assert len(sharded.layers.attn.q_proj.kernel[...].sharding.device_set) == 8
+    want = Engine(jaxtune.load_pretrained(tmp_path / "m")).generate(_prompts(), 12, pad_id=PAD)
+    for unroll in (False, True):
+        assert (
+            Engine(sharded, mesh, DEFAULT_RULES, unroll=unroll).generate(_prompts(), 12, pad_id=PAD) == want
+        )

@@ -179,3 +179,26 @@ def test_resume_with_lora_is_bit_exact(text_file, tmp_path):
     a = _params(checkpoint.restore_model(str(tmp_path / "whole"))[0])
     b = _params(checkpoint.restore_model(str(tmp_path / "cut"))[0])
     assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_model_adapter_in_a_config_puts_the_peft_adapter_on_the_base(tmp_path):
+    base = _base(tmp_path)
+    spec = lora.LoraSpec(4, 8.0, r"attn\.(q|k)_proj|mlp\.gate")
+    model = jaxtune.load_pretrained(base, lora=spec)
+    _randomise_adapters(model)
+    adapter.save(model, str(tmp_path / "adapter"), base=base)
+    c = tiny_config(str(tmp_path / "unused.txt"), **{"model.path": base, "model.tokenizer": ""})
+    c.model.adapter = str(tmp_path / "adapter")
+    mesh = sharding.make_mesh(c, jax.devices())
+    ms = model_spec(c)
+    assert ms.lora.rank == 4 and ms.lora.alpha == 8.0
+    assert sorted(p for p, _ in lora.targeted(jaxtune.load_pretrained(base, lora=ms.lora), ms.lora)) == [
+        "layers.attn.k_proj",
+        "layers.attn.q_proj",
+        "layers.mlp.gate_proj",
+    ]
+    from jaxtune.plan import load_model, mesh_rules
+
+    loaded = load_model(c, mesh, mesh_rules(c), lora=ms.lora)
+    ids = np.arange(20).reshape(2, 10)
+    np.testing.assert_allclose(np.asarray(loaded(ids)), np.asarray(model(ids)), atol=1e-6, rtol=0)
