@@ -27,7 +27,6 @@ from jaxtune.models.registry import family
 log = logging.getLogger(__name__)
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model."
-RUN_SPEC = "lora.json"  # in a run's workdir/model/: the adapters its checkpoints hold
 TASK_TYPES = {
     "causal_lm": "CAUSAL_LM",
     "sequence_classification": "SEQ_CLS",
@@ -48,12 +47,23 @@ def spec_from_config(config) -> lora.LoraSpec | None:
     )
 
 
-def trainable(spec: lora.LoraSpec | None, table) -> object:
+def head_entries(cfg, task) -> tuple:
+    """The table entries of a classifier's head outside the base model (``score``, ``classifier``,
+    DistilBERT's ``pre_classifier``; not BERT's pretrained ``bert.pooler``): what trains in full beside
+    the adapters and travels in the PEFT file (PEFT's ``modules_to_save``). None for other tasks."""
+    if task.name not in ("sequence_classification", "token_classification"):
+        return ()
+    fam = family(cfg.model_type, "model")
+    prefix = fam.KEY_PREFIX[cfg.model_type]
+    return tuple(e for e in fam.hf_table(cfg, task) if not e[0].startswith(prefix))
+
+
+def trainable(spec: lora.LoraSpec | None, cfg, task) -> object:
     """With adapters, what trains: a path predicate true for the adapters and a classifier's head
-    (the parameters whose Hugging Face key is under a :data:`lora.HEAD_MODULES` module); None without."""
+    (:func:`head_entries`); None without adapters."""
     if spec is None:
         return None
-    head = {path for template, path, _ in table if template.split(".")[0] in lora.HEAD_MODULES}
+    head = {path for _, path, _ in head_entries(cfg, task)}
     return lambda path: lora.is_adapter(path) or path in head
 
 
@@ -78,9 +88,8 @@ def peft_table(model, table) -> tuple:
         for name, tx in lora.transforms(module).items():
             peft = "lora_A" if name == lora.A else "lora_B"
             out.append((f"{PREFIX}{template}.{peft}.weight", f"{path}.{name}", tx))
-    for template, path, tx in table:
-        if template.split(".")[0] in lora.HEAD_MODULES:
-            out.append((PREFIX + template, path, tx))
+    for template, path, tx in head_entries(model.cfg, model.task):
+        out.append((PREFIX + template, path, tx))
     return tuple(out)
 
 
@@ -154,9 +163,13 @@ def _read_config(path: str) -> dict:
     for key, fine in (("use_dora", False), ("bias", "none")):
         if config.get(key, fine) != fine:
             raise ModelError(f"{where}: {key} = {config[key]!r} is not supported (only {fine!r})")
-    for key in ("rank_pattern", "alpha_pattern"):
+    for key in ("rank_pattern", "alpha_pattern", "layers_to_transform", "layers_pattern", "exclude_modules"):
         if config.get(key):
-            raise ModelError(f"{where}: {key} (per-layer ranks) is not supported")
+            raise ModelError(
+                f"{where}: {key} = {config[key]!r} is not supported (adapters on every layer only)"
+            )
+    if config.get("lora_bias") or config.get("use_qalora") or config.get("target_parameters"):
+        raise ModelError(f"{where}: lora_bias, use_qalora and target_parameters are not supported")
     return config
 
 
@@ -248,7 +261,10 @@ def load(model, adapter_dir: str):
     """``model`` (without adapters) with a PEFT adapter directory's adapters on it: a new model whose
     base parameters are ``model``'s own arrays."""
     if getattr(model, "lora", None) is not None:
-        raise ConfigError("the model already has LoRA adapters; load an adapter onto its base model")
+        raise ConfigError(
+            f"{adapter_dir}: the model already has LoRA adapters (a LoRA run's checkpoint); load the "
+            "adapter onto its base model, or export the run merged and use that"
+        )
     fam = family(model.cfg.model_type, adapter_dir)
     spec = read_spec(adapter_dir)
     dtype = model.embed[...].dtype

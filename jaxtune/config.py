@@ -64,7 +64,8 @@ def defaults() -> ml_collections.ConfigDict:
     c.lora = dict(
         rank=0,  # r; 0 = off (full fine-tuning)
         alpha=16.0,  # the adapters' output is scaled by alpha / r (alpha / sqrt(r) with rslora)
-        targets=r"attn\.(q|k|v|o)_proj|mlp\.",  # regex searched in dense layers' paths (layers.attn.q_proj)
+        # regex searched in dense layers' paths (layers.attn.q_proj; GPT-2's fused layers.attn.qkv_proj)
+        targets=r"attn\.(qkv|q|k|v|o)_proj|mlp\.",
         dropout=0.0,  # on the adapters' inputs, in training steps
         rslora=False,
         base_dtype="",  # store the frozen base in this dtype (bfloat16 halves it); "" = param_dtype
@@ -301,6 +302,15 @@ def validate(config, num_devices: int | None = None) -> None:
         _one_of("lora.base_dtype", c.lora.base_dtype, DTYPES)
     if not 0 <= c.lora.dropout < 1:
         raise ConfigError(f"config key lora.dropout = {c.lora.dropout!r}: must be in [0, 1)")
+    if c.model.adapter and c.lora.rank:
+        raise ConfigError(
+            f"config keys model.adapter = {c.model.adapter!r} and lora.rank = {c.lora.rank}: the adapter "
+            "brings its own rank, alpha and layers; set lora.rank = 0 to go on training it"
+        )
+    if c.lora.base_dtype and not (c.lora.rank or c.model.adapter):
+        raise ConfigError(f"config key lora.base_dtype = {c.lora.base_dtype!r} needs LoRA (lora.rank > 0)")
+    if c.lora.rank and c.lora.alpha <= 0:
+        raise ConfigError(f"config key lora.alpha = {c.lora.alpha!r} must be > 0")
     if c.lora.rank or c.model.adapter:
         try:
             re.compile(c.lora.targets)

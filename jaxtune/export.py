@@ -43,6 +43,17 @@ def export(args) -> None:
     check_out(args.out, args.overwrite)
     if args.adapter and not args.checkpoint:
         raise UsageError("--adapter exports a training run's LoRA adapters; pass --checkpoint WORKDIR")
+    if args.adapter:
+        from jaxtune.checkpoint import split_path
+        from jaxtune.pretrained import read_lora
+
+        workdir = split_path(args.checkpoint)[0]
+        if read_lora(os.path.join(workdir, "model")) is None:
+            raise UsageError(
+                f"--checkpoint {workdir}: the run trained no LoRA adapters; export it without --adapter"
+            )
+        if args.dtype:
+            raise UsageError("--dtype applies to a merged export; a PEFT adapter keeps the adapters' dtype")
     model, tokenizer = load_model(args.checkpoint, args.model, dtype=args.dtype or "float32")
     if args.adapter:  # every process; 0 writes
         from jaxtune import adapter

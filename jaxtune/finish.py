@@ -60,5 +60,7 @@ def samples_and_export(config, workdir: str, graphdef, params, frozen, tokenizer
                     f.write(json.dumps(row) + "\n")
     if config.export.at_end:  # every process: the tensors are gathered from all; process 0 writes
         out = os.path.join(workdir, "export")
-        pretrained.save_pretrained(model, out, tokenizer=tokenizer, dtype=config.export.dtype or None)
+        pretrained.save_pretrained(
+            model, out, tokenizer=tokenizer, dtype=config.export.dtype or config.model.param_dtype
+        )
         log.info("exported Hugging Face weights to %s", out)

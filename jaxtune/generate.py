@@ -33,11 +33,22 @@ class Completion:
     token_ids: list
 
 
-def _stop_ids(tokenizer, extra=()) -> tuple:
-    """The EOS token(s) of a tokenizer (and a chat template's end-of-turn token, when it has one)."""
+def eos_ids(value) -> set:
+    """The ids of an ``eos_token_id`` field of config.json or generation_config.json: an int, a list
+    (Llama 3's end of text and end of turn), or absent."""
+    if value is None:
+        return set()
+    return {int(v) for v in (value if isinstance(value, list) else [value])}
+
+
+def _stop_ids(tokenizer, model=None, extra=()) -> tuple:
+    """Where a completion ends: the tokenizer's EOS token, the model's config.json ``eos_token_id``
+    (one id or several) and ``extra`` ids (a generation_config.json's)."""
     ids = set(extra)
     if tokenizer is not None and tokenizer.eos_token_id is not None:
         ids.add(int(tokenizer.eos_token_id))
+    if model is not None:
+        ids |= eos_ids(json.loads(model.cfg.hf_config_json).get("eos_token_id"))
     return tuple(sorted(ids))
 
 
@@ -65,10 +76,11 @@ def encode(tokenizer, prompt, chat: bool = False) -> list[int]:
 class Generator:
     """A model, its tokenizer and one engine: text in, completions out."""
 
-    def __init__(self, model, tokenizer, mesh=None, rules=()):
+    def __init__(self, model, tokenizer, mesh=None, rules=(), stop_ids=()):
         from jaxtune.engine import Engine
 
         self.engine, self.tokenizer = Engine(model, mesh, rules), tokenizer
+        self.stop_ids = _stop_ids(tokenizer, model, stop_ids)
 
     def complete(
         self,
@@ -92,18 +104,27 @@ class Generator:
             text = tok.decode(so_far, skip_special_tokens=True)
             hit = any(s in text for s in stop)
             if stream and row == 0:
-                shown = _cut(text, stop) if hit else text
+                shown = _cut(text, stop) if hit else _settled(text, stop)
                 stream(shown[printed[0] :])
-                printed[0] = len(shown)
+                printed[0] = max(printed[0], len(shown))
             return hit
 
-        rows = self.engine.generate(
-            ids, max_new_tokens, sampler, seed, _stop_ids(tok), _pad_id(tok), on_token
-        )
-        return [
+        rows = self.engine.generate(ids, max_new_tokens, sampler, seed, self.stop_ids, _pad_id(tok), on_token)
+        out = [
             Completion(p, _cut(tok.decode(r, skip_special_tokens=True), stop), r)
             for p, r in zip(prompts, rows, strict=True)
         ]
+        if stream:  # what was held back (a last partial character, a stop string's possible start)
+            stream(out[0].text[printed[0] :])
+        return out
+
+
+def _settled(text: str, stop) -> str:
+    """What of ``text`` can be shown already: not a half-decoded character at its end (a token that
+    ends inside a UTF-8 sequence), nor an ending that may be the start of a stop string."""
+    text = text.rstrip("\ufffd")
+    held = max((n for s in stop for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+    return text[: len(text) - held]
 
 
 def _cut(text: str, stop) -> str:
@@ -168,13 +189,27 @@ def prompts_from(args) -> list:
     return out
 
 
+def generation_eos(path: str) -> set:
+    """The ``eos_token_id`` of a model directory's generation_config.json (Gemma's end of turn, say)."""
+    import os
+
+    where = os.path.join(path, "generation_config.json")
+    try:
+        with open(where, encoding="utf-8") as f:
+            return eos_ids(json.load(f).get("eos_token_id"))
+    except FileNotFoundError:
+        return set()
+    except (ValueError, AttributeError, TypeError) as e:
+        raise ModelError(f"{where}: not a generation config ({e}); fix or remove it") from e
+
+
 def load(args):
     """(model, tokenizer) of ``--model``: a training run's checkpoint or a model."""
     import os
 
-    from jaxtune.checkpoint import load_model
+    from jaxtune.checkpoint import load_model, split_path
 
-    is_run = os.path.isfile(os.path.join(args.model.split("/checkpoints")[0], "model", "config.json"))
+    is_run = os.path.isfile(os.path.join(split_path(args.model)[0], "model", "config.json"))
     model, tokenizer = load_model(args.model if is_run else None, None if is_run else args.model)
     if args.adapter:
         from jaxtune import adapter
@@ -197,7 +232,10 @@ def run(args) -> None:
     sampler = Sampler(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
     prompts = prompts_from(args)
     model, tokenizer = load(args)
-    gen = Generator(model, tokenizer)
+    import os
+
+    extra = generation_eos(args.model) if os.path.isdir(args.model) else set()
+    gen = Generator(model, tokenizer, stop_ids=tuple(extra))
     stream = None
     if len(prompts) == 1 and not args.output:
 

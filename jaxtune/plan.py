@@ -75,7 +75,6 @@ class ModelSpec:
     cfg: object
     task: heads.Task
     lora: object = None  # a lora.LoraSpec when adapters train
-    table: tuple = ()  # the family's weight table for the task
 
 
 def model_spec(config, labels=None) -> ModelSpec:
@@ -109,7 +108,7 @@ def model_spec(config, labels=None) -> ModelSpec:
             raise
         raise ConfigError(f"config key {e}") from e
     graphdef, state = nnx.split(abstract)
-    return ModelSpec(graphdef, state, cfg, task, lora, fam.hf_table(cfg, task))
+    return ModelSpec(graphdef, state, cfg, task, lora)
 
 
 def _floating_as(x, dtype):
@@ -219,7 +218,7 @@ def plan(
     state = nnx.to_pure_dict(spec.state)
     model_shardings = sharding.state_shardings(spec.state, mesh, rules)
     is_frozen = optim.frozen_matcher(config.optimizer.frozen)
-    adapters_only = adapter.trainable(spec.lora, spec.table)
+    adapters_only = adapter.trainable(spec.lora, spec.cfg, spec.task)
     if adapters_only is not None:  # LoRA: the adapters train (and a classifier's head); the base is frozen
         frozen_by_config = is_frozen
 

@@ -438,8 +438,13 @@ def read_lora(model_dir: str):
     where = os.path.join(model_dir, LORA_SPEC)
     if not os.path.exists(where):
         return None
-    with open(where, encoding="utf-8") as f:
-        return adapters.LoraSpec(**json.load(f))
+    try:
+        with open(where, encoding="utf-8") as f:
+            return adapters.LoraSpec(**json.load(f))
+    except (ValueError, TypeError) as e:
+        raise ModelError(
+            f"{where}: not a LoRA record jaxtune wrote ({first_line(e)}); restore it from a copy"
+        ) from e
 
 
 def abstract_model(model_dir: str, dtype=jnp.float32):

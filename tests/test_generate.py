@@ -226,7 +226,7 @@ def test_cache_mask_is_causal_windowed_and_skips_padding():
     assert m.tolist() == [[False, False, True, True, False, False], [False, False, False, True, True, False]]
 
 
-def test_generation_sharded_over_a_mesh_equals_one_device(tmp_path):
+def test_generation_sharded_over_a_mesh_equals_one_device(tmp_path, caplog):
     """The model in FSDP x tensor shards and the cache constrained under the same rules: same tokens."""
     from jaxtune import sharding
     from jaxtune.config import DEFAULT_RULES, defaults
@@ -239,7 +239,35 @@ def test_generation_sharded_over_a_mesh_equals_one_device(tmp_path):
     sharded = jaxtune.load_pretrained(tmp_path / "m", mesh=mesh, rules=DEFAULT_RULES)
     assert len(sharded.layers.attn.q_proj.kernel[...].sharding.device_set) == 8
     want = Engine(jaxtune.load_pretrained(tmp_path / "m")).generate(_prompts(), 12, pad_id=PAD)
+    caplog.set_level(logging.WARNING)
     for unroll in (False, True):
-        assert (
-            Engine(sharded, mesh, DEFAULT_RULES, unroll=unroll).generate(_prompts(), 12, pad_id=PAD) == want
-        )
+        caplog.clear()
+        with jax.log_compiles():
+            got = Engine(sharded, mesh, DEFAULT_RULES, unroll=unroll).generate(_prompts(), 12, pad_id=PAD)
+        assert got == want
+        # The prefill's outputs feed the decode step as its own outputs do: one compile, not two.
+        assert _compiles(caplog, "_decode") == 1, unroll
+
+
+def test_streaming_holds_back_a_partial_character_and_a_stop_strings_start():
+    from jaxtune.generate import _settled
+
+    assert _settled("hello wor", ("world!",)) == "hello "
+    assert _settled("abc\ufffd", ()) == "abc"
+    assert _settled("the end", ("\n\n",)) == "the end"
+    assert _settled("the end\n", ("\n\n",)) == "the end"
+
+
+def test_the_models_eos_ids_from_config_json_end_a_completion(tmp_path):
+    """config.json's eos_token_id may be a list (Llama 3's end of text and end of turn): each ends it."""
+    from jaxtune.generate import Generator
+
+    path = _bytes_model(tmp_path)
+    tok = jaxtune.load_tokenizer(path)
+    free = Generator(jaxtune.load_pretrained(path), tok).complete(["hello"], 16)[0].token_ids
+    stop = free[5]
+    ref = make_model("llama", vocab_size=257, eos_token_id=[256, stop])
+    ref.save_pretrained(tmp_path / "eos")
+    model = jaxtune.load_pretrained(tmp_path / "eos")
+    got = Generator(model, tok).complete(["hello"], 16)[0].token_ids
+    assert got == free[: free.index(stop) + 1]

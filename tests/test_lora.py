@@ -121,6 +121,7 @@ def test_merged_export_and_peft_adapter_give_the_adapter_models_logits(lora_run,
     [
         ("llama", "sequence_classification", "AutoModelForSequenceClassification"),
         ("bert", "sequence_classification", "AutoModelForSequenceClassification"),
+        ("distilbert", "sequence_classification", "AutoModelForSequenceClassification"),
         ("gpt2", "causal_lm", "AutoModelForCausalLM"),
     ],
 )
@@ -202,3 +203,18 @@ def test_model_adapter_in_a_config_puts_the_peft_adapter_on_the_base(tmp_path):
     loaded = load_model(c, mesh, mesh_rules(c), lora=ms.lora)
     ids = np.arange(20).reshape(2, 10)
     np.testing.assert_allclose(np.asarray(loaded(ids)), np.asarray(model(ids)), atol=1e-6, rtol=0)
+
+
+def test_a_bfloat16_base_restores_exports_and_refuses_a_plain_adapter_export(text_file, tmp_path):
+    changes = {"lora.rank": 4, "lora.base_dtype": "bfloat16", "train.max_steps": 2}
+    train.run(tiny_config(text_file, **changes), str(tmp_path / "run"))
+    model, _ = checkpoint.restore_model(str(tmp_path / "run"))
+    assert model.lora is not None and model.lora.rank == 4
+    assert export.main(["--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "merged")]) == 0
+    assert (
+        export.main(["--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "a"), "--adapter"]) == 0
+    )
+    train.run(tiny_config(text_file, **{"train.max_steps": 1}), str(tmp_path / "full"))
+    assert (
+        export.main(["--checkpoint", str(tmp_path / "full"), "--out", str(tmp_path / "b"), "--adapter"]) != 0
+    )

@@ -26,9 +26,6 @@ from jaxtune.models.weights import Transform
 
 A, B = "lora_a", "lora_b"
 RANK = "lora_rank"  # the logical name of the rank dimension; no rule maps it: replicated
-# The parameters of a task head that train in full beside the adapters: PEFT's modules_to_save for
-# sequence classification, named by their Hugging Face module.
-HEAD_MODULES = ("classifier", "score")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,7 +113,10 @@ def merged(model):
             continue
         w, a, b = module.kernel[...], module.lora_a[...], module.lora_b[...]
         delta = _product(a, b, a.ndim - module.n_in - 1)
-        module.kernel.set_value((w + module.lora_scale * delta.astype(jnp.float32)).astype(w.dtype))
+        # Folded in the adapters' precision at least: a bfloat16 base (lora.base_dtype) comes out in
+        # the adapters' float32, so the update is not rounded away.
+        out = jnp.promote_types(w.dtype, a.dtype)
+        module.kernel.set_value(w.astype(out) + module.lora_scale * delta.astype(out))
         for name in (A, B, "lora_scale", "lora_dropout", "lora_site"):
             delattr(module, name)
     model.lora = None
