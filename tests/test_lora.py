@@ -218,3 +218,65 @@ def test_a_bfloat16_base_restores_exports_and_refuses_a_plain_adapter_export(tex
     assert (
         export.main(["--checkpoint", str(tmp_path / "full"), "--out", str(tmp_path / "b"), "--adapter"]) != 0
     )
+
+
+def test_lora_sharded_with_accumulation_and_remat_gives_the_single_device_losses(text_file, tmp_path):
+    """Adapters sharded like their base weights (fsdp 4 x tensor 2), two accumulated micro-batches and
+    full remat: the losses of one device taking whole batches."""
+    lora_keys = {"lora.rank": 4, "lora.targets": r"attn\.(q|k|v|o)_proj|mlp\.", "train.max_steps": 4}
+    single = tiny_config(text_file, **lora_keys, **{"mesh.data": 1})
+    sharded = tiny_config(
+        text_file,
+        **lora_keys,
+        **{
+            "mesh.data": 1,
+            "mesh.fsdp": 4,
+            "mesh.tensor": 2,
+            "train.grad_accum_steps": 2,
+            "model.remat": "full",
+        },
+    )
+    train.run(single, str(tmp_path / "one"), devices=jax.devices()[:1])
+    train.run(sharded, str(tmp_path / "eight"))
+    one, eight = losses(tmp_path / "one"), losses(tmp_path / "eight")
+    assert sorted(one) == [1, 2, 3, 4]
+    np.testing.assert_allclose([eight[s] for s in one], [one[s] for s in one], atol=1e-5, rtol=0)
+    assert one[4] < one[1]
+
+
+def test_lora_classifier_trains_its_head_keeps_the_best_and_exports_a_peft_adapter(tmp_path):
+    """all-MiniLM-L6-v2 with adapters and a trained head (PEFT's modules_to_save), best-k by accuracy:
+    it learns, and peft puts the exported adapter on the Hugging Face base with jaxtune's logits."""
+    from jaxtune import assets
+
+    rng = np.random.RandomState(0)
+    good, bad = ["great", "lovely", "superb", "fine"], ["awful", "dull", "poor", "bad"]
+    rows = []
+    for _ in range(240):
+        pos = rng.rand() < 0.5
+        rows.append(
+            {"text": f"the film was {rng.choice(good if pos else bad)}", "label": "pos" if pos else "neg"}
+        )
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    c = tiny_config(str(tmp_path / "train.jsonl"))
+    c.model.path, c.model.tokenizer, c.model.task = assets.minilm(), "", "sequence_classification"
+    c.data.format, c.data.eval_fraction, c.data.seq_len = "classification", 0.2, 16
+    c.lora.rank, c.lora.alpha = 8, 16.0
+    c.train.batch_size, c.train.max_steps, c.optimizer.lr = 16, 24, 3e-3
+    c.eval.at_start, c.eval.every_steps = True, 12
+    c.checkpoint.best_metric, c.checkpoint.best_keep = "accuracy", 1
+    workdir = tmp_path / "run"
+    train.run(c, str(workdir))
+    evals = [r for r in map(json.loads, open(workdir / "metrics.jsonl")) if r["split"] == "eval"]
+    assert evals[-1]["accuracy"] >= 0.9 and evals[-1]["accuracy"] > evals[0]["accuracy"] + 0.2, evals
+    assert json.loads((workdir / "checkpoints_best" / "best.json").read_text())["kept"]
+    model, tok = checkpoint.restore_model(str(workdir))
+    enc = tok(["the film was superb", "the film was dull"], padding=True, return_tensors="np")
+    want = np.asarray(model(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"]))
+    out = tmp_path / "adapter"
+    assert export.main(["--checkpoint", str(workdir), "--out", str(out), "--adapter"]) == 0
+    assert json.loads((out / "adapter_config.json").read_text())["modules_to_save"] == ["classifier"]
+    peft_model = _peft_model(assets.minilm(), str(out), "AutoModelForSequenceClassification")
+    with torch.no_grad():
+        got = peft_model(**{k: torch.tensor(v) for k, v in enc.items()}).logits.numpy()
+    np.testing.assert_allclose(got, want, atol=ATOL_LOGITS, rtol=0)
