@@ -35,10 +35,11 @@ TASK_TYPES = {
 }
 
 
-def spec_from_config(config) -> lora.LoraSpec | None:
-    """The run's adapters: ``model.adapter``'s, else ``lora.*``'s when ``lora.rank`` > 0, else None."""
+def spec_from_config(config, base_model) -> lora.LoraSpec | None:
+    """The run's adapters: ``model.adapter``'s (read for ``base_model``, abstract is enough), else
+    ``lora.*``'s when ``lora.rank`` > 0, else None."""
     if config.model.adapter:
-        return read_spec(config.model.adapter, seed=config.train.seed)
+        return read_spec(config.model.adapter, base_model(), config.train.seed)
     c = config.lora
     if not c.rank:
         return None
@@ -120,7 +121,7 @@ def save(model, out_dir: str, base: str = "") -> str:
         raise ModelError("the model has no LoRA adapters to write; export it without --adapter")
     fam = family(cfg.model_type, "model")
     table = fam.hf_table(cfg, task)
-    params = {".".join(map(str, k)): v.get_value() for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    params = {path: v.get_value() for path, v in pretrained.by_path(nnx.state(model, nnx.Param)).items()}
     entries = peft_table(model, table)
     state = {path: pretrained.OnHost(params[path]) for _, path, _ in entries}
     tensors = {key: np.ascontiguousarray(arr) for key, arr in hf.state_to_hf(state, entries)}
@@ -173,34 +174,15 @@ def _read_config(path: str) -> dict:
     return config
 
 
-def read_spec(path: str, seed: int = 0, targets: str | None = None) -> lora.LoraSpec:
-    """The :class:`LoraSpec` of a PEFT directory; ``targets``: our regex of its layers, when known."""
-    c = _read_config(path)
-    return lora.LoraSpec(
-        int(c["r"]),
-        float(c["lora_alpha"]),
-        targets if targets is not None else _PENDING,
-        bool(c.get("use_rslora", False)),
-        float(c.get("lora_dropout", 0.0) or 0.0),
-        seed,
-    )
-
-
-_PENDING = "(?!)"  # matches nothing: the targets are resolved against a model's table (see resolve)
-
-
-def resolve(spec: lora.LoraSpec, adapter_dir: str, abstract_model) -> lora.LoraSpec:
-    """``spec`` with its targets as our regex of the layers a PEFT adapter's ``target_modules`` names."""
-    import dataclasses
-
-    if spec.targets != _PENDING:
-        return spec
-    wanted = _read_config(adapter_dir).get("target_modules") or []
-    keys = _module_keys(
-        family(abstract_model.cfg.model_type, adapter_dir).hf_table(abstract_model.cfg, abstract_model.task)
-    )
+def read_spec(adapter_dir: str, base_model, seed: int = 0) -> lora.LoraSpec:
+    """The :class:`LoraSpec` of a PEFT directory for ``base_model`` (abstract is enough): its rank,
+    alpha, rsLoRA and dropout, and as targets our regex of the layers its ``target_modules`` names."""
+    c = _read_config(adapter_dir)
+    wanted = c.get("target_modules") or []
+    cfg = base_model.cfg
+    keys = _module_keys(family(cfg.model_type, adapter_dir).hf_table(cfg, base_model.task))
     ours = []
-    for path, _ in lora.dense_layers(abstract_model):
+    for path, _ in lora.dense_layers(base_model):
         if path not in keys:
             continue
         name = keys[path][0].replace("{i}", "0")
@@ -212,16 +194,23 @@ def resolve(spec: lora.LoraSpec, adapter_dir: str, abstract_model) -> lora.LoraS
             ours.append(path)
     if not ours:
         raise ModelError(
-            f"{adapter_dir}: target_modules {wanted!r} names no layer of this "
-            f"{abstract_model.cfg.model_type} model"
+            f"{adapter_dir}: target_modules {wanted!r} names no layer of this {cfg.model_type} model"
         )
-    return dataclasses.replace(spec, targets="^(?:" + "|".join(map(re.escape, ours)) + ")$")
+    return lora.LoraSpec(
+        int(c["r"]),
+        float(c["lora_alpha"]),
+        "^(?:" + "|".join(map(re.escape, ours)) + ")$",
+        bool(c.get("use_rslora", False)),
+        float(c.get("lora_dropout", 0.0) or 0.0),
+        seed,
+    )
 
 
 def fill(model, adapter_dir: str) -> None:
     """Set a model's adapters (and trained head) to a PEFT directory's weights, in place; each lands in
     the shards its present value has."""
     from jaxtune import hf, sharding
+    from jaxtune.pretrained import by_path
 
     cfg, task = model.cfg, model.task
     fam = family(cfg.model_type, adapter_dir)
@@ -230,12 +219,12 @@ def fill(model, adapter_dir: str) -> None:
     if not os.path.isfile(weights):
         raise ModelError(f"{adapter_dir}: has no {WEIGHTS}")
     tensors = hf.read_safetensors(weights)
-    by_path = {".".join(map(str, k)): v for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-    shapes = {path: by_path[path].shape for _, path, _ in entries}
+    params = by_path(nnx.state(model, nnx.Param))
+    shapes = {path: params[path].shape for _, path, _ in entries}
     heads = {path for key, path, _ in entries if "lora_" not in key}
     loaded = set()
     for path, lazy in hf.state_from_hf(tensors, _Peft(fam), cfg, entries, shapes, np.float32, fresh=heads):
-        var = by_path[path]
+        var = params[path]
         value = var.get_value()
         where = getattr(value, "sharding", None)
         arr = lazy.read().astype(value.dtype)
@@ -265,23 +254,18 @@ def load(model, adapter_dir: str):
             f"{adapter_dir}: the model already has LoRA adapters (a LoRA run's checkpoint); load the "
             "adapter onto its base model, or export the run merged and use that"
         )
+    from jaxtune.pretrained import by_path
+
     fam = family(model.cfg.model_type, adapter_dir)
-    spec = read_spec(adapter_dir)
+    spec = read_spec(adapter_dir, model)
     dtype = model.embed[...].dtype
-
-    def build(s):
-        return fam.MODEL(model.cfg, model.task, rngs=nnx.Rngs(0), dtype=dtype, lora=s)
-
-    base_abstract = nnx.eval_shape(lambda: fam.MODEL(model.cfg, model.task, rngs=nnx.Rngs(0), dtype=dtype))
-    spec = resolve(spec, adapter_dir, base_abstract)
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: build(spec)))
-    base = {".".join(map(str, k)): v.get_value() for k, v in nnx.to_flat_state(nnx.state(model))}
-    for key, var in nnx.to_flat_state(state):
-        path = ".".join(map(str, key))
-        if path in base:
-            var.set_value(base[path])
-        else:  # an adapter: its first value, replaced from the file below
-            var.set_value(jnp.zeros(var.shape, var.dtype))
+    graphdef, state = nnx.split(
+        nnx.eval_shape(lambda: fam.MODEL(model.cfg, model.task, rngs=nnx.Rngs(0), dtype=dtype, lora=spec))
+    )
+    base = {path: var.get_value() for path, var in by_path(nnx.state(model)).items()}
+    for path, var in by_path(state).items():
+        # An adapter starts at zero here; fill() sets it from the file.
+        var.set_value(base[path] if path in base else jnp.zeros(var.shape, var.dtype))
     adapted = nnx.merge(graphdef, state)
     fill(adapted, adapter_dir)
     return adapted

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 
 import numpy as np
@@ -96,27 +97,42 @@ class Generator:
         (left out of it); ``stream(text)`` receives the first row's new text as it comes."""
         tok = self.tokenizer
         ids = [encode(tok, p, chat) for p in prompts]
-        printed = [0]
-
-        def on_token(row, so_far):
-            if not (stop or (stream and row == 0)):
-                return False
-            text = tok.decode(so_far, skip_special_tokens=True)
-            hit = any(s in text for s in stop)
-            if stream and row == 0:
-                shown = _cut(text, stop) if hit else _settled(text, stop)
-                stream(shown[printed[0] :])
-                printed[0] = max(printed[0], len(shown))
-            return hit
-
-        rows = self.engine.generate(ids, max_new_tokens, sampler, seed, self.stop_ids, _pad_id(tok), on_token)
+        watch = _Watch(tok, stop, stream)
+        rows = self.engine.generate(ids, max_new_tokens, sampler, seed, self.stop_ids, _pad_id(tok), watch)
         out = [
             Completion(p, _cut(tok.decode(r, skip_special_tokens=True), stop), r)
             for p, r in zip(prompts, rows, strict=True)
         ]
-        if stream:  # what was held back (a last partial character, a stop string's possible start)
-            stream(out[0].text[printed[0] :])
+        watch.flush(out[0].text)
         return out
+
+
+class _Watch:
+    """What the engine calls with each row's tokens so far: ends a row at a stop string, and streams
+    the first row's text (holding back what may still change) to ``stream``."""
+
+    def __init__(self, tokenizer, stop, stream):
+        self.tokenizer, self.stop, self.stream, self.printed = tokenizer, tuple(stop), stream, 0
+
+    def __call__(self, row: int, so_far: list) -> bool:
+        streaming = self.stream is not None and row == 0
+        if not (self.stop or streaming):
+            return False
+        text = self.tokenizer.decode(so_far, skip_special_tokens=True)
+        hit = any(s in text for s in self.stop)
+        if streaming:
+            self._show(_cut(text, self.stop) if hit else _settled(text, self.stop))
+        return hit
+
+    def _show(self, shown: str) -> None:
+        self.stream(shown[self.printed :])
+        self.printed = max(self.printed, len(shown))
+
+    def flush(self, final: str) -> None:
+        """The rest of the first completion: what was held back (a last partial character, a stop
+        string's possible start)."""
+        if self.stream is not None:
+            self._show(final)
 
 
 def _settled(text: str, stop) -> str:
@@ -191,8 +207,6 @@ def prompts_from(args) -> list:
 
 def generation_eos(path: str) -> set:
     """The ``eos_token_id`` of a model directory's generation_config.json (Gemma's end of turn, say)."""
-    import os
-
     where = os.path.join(path, "generation_config.json")
     try:
         with open(where, encoding="utf-8") as f:
@@ -205,8 +219,6 @@ def generation_eos(path: str) -> set:
 
 def load(args):
     """(model, tokenizer) of ``--model``: a training run's checkpoint or a model."""
-    import os
-
     from jaxtune.checkpoint import load_model, split_path
 
     is_run = os.path.isfile(os.path.join(split_path(args.model)[0], "model", "config.json"))
@@ -232,8 +244,6 @@ def run(args) -> None:
     sampler = Sampler(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
     prompts = prompts_from(args)
     model, tokenizer = load(args)
-    import os
-
     extra = generation_eos(args.model) if os.path.isdir(args.model) else set()
     gen = Generator(model, tokenizer, stop_ids=tuple(extra))
     stream = None

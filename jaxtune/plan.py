@@ -97,16 +97,11 @@ def model_spec(config, labels=None) -> ModelSpec:
     task = pretrained.resolve_task(hf, fam, where, c.task, new_head=new_head, **_label_kwargs(labels))
     dtype = jnp.dtype(c.param_dtype)
     seed = config.train.seed
-    lora = adapter.spec_from_config(config)
-    if lora is not None and c.adapter:  # a PEFT adapter names Hugging Face modules: ours from the table
-        base = nnx.eval_shape(lambda: fam.MODEL(cfg, task, rngs=nnx.Rngs(seed), dtype=dtype))
-        lora = adapter.resolve(lora, c.adapter, base)
-    try:
-        abstract = nnx.eval_shape(lambda: fam.MODEL(cfg, task, rngs=nnx.Rngs(seed), dtype=dtype, lora=lora))
-    except ValueError as e:
-        if lora is None:
-            raise
-        raise ConfigError(f"config key {e}") from e
+    # A PEFT adapter names Hugging Face modules: the base model's table gives ours.
+    lora = adapter.spec_from_config(
+        config, lambda: nnx.eval_shape(lambda: fam.MODEL(cfg, task, rngs=nnx.Rngs(seed), dtype=dtype))
+    )
+    abstract = nnx.eval_shape(lambda: fam.MODEL(cfg, task, rngs=nnx.Rngs(seed), dtype=dtype, lora=lora))
     graphdef, state = nnx.split(abstract)
     return ModelSpec(graphdef, state, cfg, task, lora)
 

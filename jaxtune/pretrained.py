@@ -95,7 +95,7 @@ def read_config(model_dir: str):
         raise ModelError(f"{config_path}: transformers cannot read it ({first_line(e)}); fix the file") from e
 
 
-def _by_path(state) -> dict:
+def by_path(state) -> dict:
     """Variables of a state keyed by dotted path (``layers.attn.q_proj.kernel``), as the tables name them."""
     return {".".join(map(str, k)): v for k, v in nnx.to_flat_state(state)}
 
@@ -117,7 +117,7 @@ def _build(
     of it. ``lora``: a :class:`lora.LoraSpec` whose adapters start as they always do (B zero)."""
     abstract = nnx.eval_shape(lambda: fam.MODEL(cfg, task, rngs=nnx.Rngs(seed), dtype=dtype, lora=lora))
     graphdef, state = nnx.split(abstract)
-    by_name = _by_path(state)
+    by_name = by_path(state)
 
     def place(path, value):  # a checkpoint's LazyParam, or a freshly initialised head's array
         lazy = isinstance(value, hf.LazyParam)
@@ -141,7 +141,7 @@ def _build(
         init = {
             f"{name}.{sub}": v
             for name, mod in fresh_heads.items()
-            for sub, v in _by_path(nnx.state(mod)).items()
+            for sub, v in by_path(nnx.state(mod)).items()
         }
         for path in fresh:
             by_name[path].set_value(place(path, init[path].get_value()))
@@ -153,16 +153,9 @@ def _build(
             seed,
             ", ".join(fresh),
         )
-    if lora is not None:
-        fan_in = {
-            f"{path}.{name}": spec[2]
-            for path, module in adapters.targeted(abstract, lora)
-            for name, spec in adapters.shapes(module, lora.rank).items()
-        }
-        for path, var in by_name.items():
-            if adapters.is_adapter(path):
-                value = adapters.initial(path, var.shape, var.dtype, fan_in[path], lora.seed)
-                by_name[path].set_value(place(path, np.asarray(value)))
+    for path, module in adapters.targeted(abstract, lora) if lora is not None else ():
+        for name, (_, _, value) in adapters.first_values(module, path, lora).items():
+            by_name[f"{path}.{name}"].set_value(place(f"{path}.{name}", np.asarray(value)))
     return nnx.merge(graphdef, state)
 
 
@@ -314,7 +307,7 @@ def load_tokenizer(path):
 
 def model_state(model) -> dict[str, np.ndarray]:
     """Parameters of a model as host numpy arrays keyed by dotted path."""
-    params = _by_path(nnx.state(model, nnx.Param))
+    params = by_path(nnx.state(model, nnx.Param))
     return {path: np.asarray(jax.device_get(v.get_value())) for path, v in params.items()}
 
 
@@ -380,7 +373,7 @@ def save_pretrained(model, out_dir, tokenizer=None, dtype=None, max_shard_bytes=
         model = adapters.merged(model)
     cfg, task = model.cfg, model.task
     fam = family(cfg.model_type, "model")
-    params = {path: v.get_value() for path, v in _by_path(nnx.state(model, nnx.Param)).items()}
+    params = {path: v.get_value() for path, v in by_path(nnx.state(model, nnx.Param)).items()}
     cast = jnp.dtype(dtype) if dtype is not None else None
     saved = cast or next(iter(params.values())).dtype
     main = jax.process_index() == 0

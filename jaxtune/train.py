@@ -114,15 +114,8 @@ class Run:
         count = sum(x.size for x in jax.tree.leaves(self.plan.abstract["params"]))
         self.adapter_params = None  # LoRA: the adapters' size, for the step's FLOPs
         if spec.lora is not None:
-            self.adapter_params = sum(
-                x.size
-                for p, x in zip(
-                    optim.paths(self.plan.abstract["params"]),
-                    jax.tree.leaves(self.plan.abstract["params"]),
-                    strict=True,
-                )
-                if lora.is_adapter(p)
-            )
+            adapters, _ = optim.split(self.plan.abstract["params"], lora.is_adapter)
+            self.adapter_params = sum(x.size for x in jax.tree.leaves(adapters))
         total = count + sum(x.size for x in jax.tree.leaves(self.plan.abstract["frozen"]))
         log.info("trainable parameters: %s of %s (%.2f%%)", f"{count:,}", f"{total:,}", 100 * count / total)
 

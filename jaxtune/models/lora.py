@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxtune.errors import ModelError
 from jaxtune.models import layers
 from jaxtune.models.weights import Transform
 
@@ -94,13 +95,23 @@ def add(model, spec: LoraSpec) -> None:
     chosen = targeted(model, spec)
     if not chosen:
         paths = ", ".join(p for p, _ in dense_layers(model))
-        raise ValueError(f"lora.targets {spec.targets!r} matches no dense layer; the model has: {paths}")
+        raise ModelError(
+            f"config key lora.targets = {spec.targets!r} matches no dense layer; the model has: {paths}"
+        )
     for site, (path, module) in enumerate(chosen):
-        dtype = module.kernel.dtype
-        for name, (shape, names, fan_in) in shapes(module, spec.rank).items():
-            value = initial(f"{path}.{name}", shape, dtype, fan_in, spec.seed)
+        for name, (_, names, value) in first_values(module, path, spec).items():
             setattr(module, name, nnx.Param(value, out_sharding=names, eager_sharding=False))
         module.lora_scale, module.lora_dropout, module.lora_site = spec.scale, spec.dropout, site
+
+
+def first_values(module: layers.Linear, path: str, spec: LoraSpec) -> dict:
+    """``{A: (shape, logical names, first value), B: ...}`` of a dense layer's adapters: what
+    :func:`add` creates, and what a model loaded into its shards sets (see :func:`initial`)."""
+    dtype = module.kernel.dtype
+    return {
+        name: (shape, names, initial(f"{path}.{name}", shape, dtype, fan_in, spec.seed))
+        for name, (shape, names, fan_in) in shapes(module, spec.rank).items()
+    }
 
 
 def merged(model):
