@@ -255,7 +255,7 @@ class Decoder(nnx.Module):
             logits = jnp.einsum("btd,vd->btv", x_btd, w_vd, preferred_element_type=f32)
         else:
             w_dv = self.lm_head[...].astype(x_btd.dtype)
-            logits = jnp.einsum("btd,dv->btv", x_btd, w_dv, preferred_element_type=f32)
+            logits = layers.dense(x_btd, w_dv, 1, f32)
         if self.cfg.final_softcap:
             logits = jnp.tanh(logits / self.cfg.final_softcap) * self.cfg.final_softcap
         return logits
