@@ -109,6 +109,7 @@ class StepMeter:
                     loss=loss,
                     learning_rate=lr,
                     tokens_per_second=tps,
+                    step_seconds=took,
                     mfu=util,
                     grad_norm=float(m["grad_norm"]),
                 )

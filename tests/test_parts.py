@@ -78,11 +78,13 @@ def test_step_meter_reports_one_step_late_and_shares_time_before_an_eval_by_flop
     meter.step(2, step_metrics(), 8)
     assert [r["step"] for r in rows.rows] == [1]
     assert rows.rows[0]["tokens_per_second"] == pytest.approx(80 / 3.0)  # step 1's time: 0 -> 3 s
+    assert rows.rows[0]["step_seconds"] == pytest.approx(3.0)
     assert rows.rows[0]["mfu"] == pytest.approx(8000 / 3.0 / 1e6)
     clock.now = 7.0  # steps 2 (rows of 8) and 3 (rows of 24) end before an eval: 4 s shared 1:3
     meter.step(3, step_metrics(), 24, flush=True)
     tps = {r["step"]: r["tokens_per_second"] for r in rows.rows}
     assert tps[2] == pytest.approx(80 / 1.0) and tps[3] == pytest.approx(240 / 3.0)
+    assert [r["step_seconds"] for r in rows.rows[1:]] == pytest.approx([1.0, 3.0])
     clock.now = 20.0
     meter.restart()  # the eval's time is no step's
     meter.exclude(4.0)  # nor a compile's
