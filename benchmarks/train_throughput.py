@@ -157,6 +157,7 @@ def trainer_child(row: Row, steps: int, text: str, workdir: str, out: str) -> No
     labels = data.training_labels(config)
     rows, _ = data.load(c, tokenizer, seed, labels)
     batches = Batches(rows, config.train.batch_size, seed)
+
     def tensor(a):  # torch wants int64 ids and labels
         a = np.asarray(a)
         return torch.from_numpy(a.astype(np.int64) if np.issubdtype(a.dtype, np.integer) else a)

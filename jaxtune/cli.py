@@ -242,6 +242,7 @@ def main(p, body, argv=None, with_config: bool = False, multihost: bool = False)
         if with_config:
             args, rest = p.parse_known_args(argv)
             args.config = load_config(args.config, rest)
+            use_compilation_cache(args.config.train.compilation_cache_dir)
         else:
             args = p.parse_args(argv)
     except (JaxtuneError, OSError) as e:
@@ -253,6 +254,17 @@ def main(p, body, argv=None, with_config: bool = False, multihost: bool = False)
             return status
         _quiet_unless_main()
     return run(body, args)
+
+
+def use_compilation_cache(path: str) -> None:
+    """Keep compiled programs in ``path`` (JAX's persistent cache), before anything compiles; "" = off.
+    Every compile of a second or more is kept, the train step's included."""
+    if not path:
+        return
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", os.path.abspath(os.path.expanduser(path)))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 def _quiet_unless_main() -> None:

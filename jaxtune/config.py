@@ -50,8 +50,9 @@ def defaults() -> ml_collections.ConfigDict:
         param_dtype="float32",  # master weights and optimizer state
         compute_dtype="float32",  # forward/backward (bfloat16 on TPU/GPU); loss and softmax stay float32
         remat="none",  # none | full | dots (keep matmul outputs, recompute the rest)
-        # the attention implementation: reference (einsums) | xla (jax.nn.dot_product_attention); Gemma
-        # 2's soft-capping and attention dropout always take the reference
+        # the attention implementation: reference (einsums) | xla (jax.nn.dot_product_attention) | cudnn
+        # (its cuDNN kernel; NVIDIA GPUs, 16-bit compute); Gemma 2's soft-capping and attention dropout
+        # always take the reference
         attention="reference",
         # dropout rate in training steps, at BERT's and GPT-2's sites (embeddings, attention
         # probabilities, attention and MLP outputs, classifier input); 0 = none. transformers trains
@@ -103,6 +104,9 @@ def defaults() -> ml_collections.ConfigDict:
         seed=0,
         log_every=1,
         peak_tflops=0.0,  # per device, for MFU; 0 = from the device kind
+        # JAX's persistent compilation cache: compiled steps are kept here and a rerun, a resume or
+        # the next fold loads them instead of compiling again; "" = off
+        compilation_cache_dir="",
         # after SIGTERM / Ctrl-C, exit anyway (non-zero, no new checkpoint) if the step and its save are
         # not done within this many seconds; 0 = wait as long as they take
         stop_timeout_s=600.0,

@@ -201,6 +201,24 @@ class Plan:
         return state, frozen
 
 
+def _check_attention(impl: str, mesh: Mesh, compute) -> None:
+    """cuDNN's fused attention exists on NVIDIA GPUs, in 16-bit types: anything else is refused here, in
+    one line, rather than by the compiler."""
+    if impl != "cudnn":
+        return
+    platform = mesh.devices.flat[0].platform
+    if platform != "gpu":
+        raise ConfigError(
+            f"config key model.attention = 'cudnn' needs an NVIDIA GPU and this run's devices are "
+            f"{platform}; use 'xla' or 'reference'"
+        )
+    if compute.itemsize != 2:
+        raise ConfigError(
+            "config key model.attention = 'cudnn' needs model.compute_dtype bfloat16 or float16, "
+            f"not {compute}"
+        )
+
+
 def plan(
     config, mesh: Mesh, total_steps: int, labels=None, spec: ModelSpec | None = None, token_types=None
 ) -> Plan:
@@ -246,6 +264,7 @@ def plan(
     objective = steps.Objective(spec.task, config.model.loss_chunk_tokens)
     options = CallOptions(remat=config.model.remat, attention=config.model.attention)
     compute = jnp.dtype(config.model.compute_dtype)
+    _check_attention(config.model.attention, mesh, compute)
     batch_sh = sharding.batch_sharding(mesh, rules)
     step_fn = steps.make_train_step(
         spec.graphdef,

@@ -5,8 +5,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from runs import tiny_config
 
+from jaxtune import sharding
 from jaxtune.models import layers
+from jaxtune.plan import plan
 
 
 @pytest.mark.parametrize(
@@ -40,3 +43,19 @@ def test_dense_gradients_equal_autodiff(x_shape, w_shape, n_in, dtype, out_dtype
         np.testing.assert_allclose(
             np.asarray(got, np.float32), np.asarray(exp, np.float32), rtol=tol, atol=tol
         )
+
+
+def test_fsdp_divides_parameters_and_optimizer_state_by_the_devices(text_file):
+    """Per device, the compiled train step's arguments (parameters, Adam's two moments, the step and a
+    batch sharded like the activations) shrink as 1/N under FSDP on 1, 2, 4 and 8 devices."""
+    sizes = {}
+    for n in (1, 2, 4, 8):
+        config = tiny_config(text_file, **{"mesh.data": 1, "mesh.fsdp": n, "mesh.tensor": 1})
+        p = plan(config, sharding.make_mesh(config, jax.devices()[:n]), total_steps=10)
+        model = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(p.abstract["params"]))
+        memory = p.lower(32).compile().memory_analysis()
+        sizes[n] = memory.argument_size_in_bytes
+    assert sizes[1] > 3 * model  # parameters, two moments, the batch
+    for n in (2, 4, 8):
+        # What stays whole on every device: the step counters (a few bytes each).
+        assert sizes[1] / n <= sizes[n] <= sizes[1] / n + 1024, (n, sizes)

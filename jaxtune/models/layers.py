@@ -52,7 +52,7 @@ class ArchConfig:
     num_heads: int
 
 
-ATTENTION_IMPLS = ("reference", "xla")
+ATTENTION_IMPLS = ("reference", "xla", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -278,16 +278,19 @@ def attend(
     """``softmax(q k^T * scale, masked) v`` with grouped key/value heads (n query heads over k key/value
     heads); the query length t may differ from the key length s (a decode step against a cache).
 
-    ``impl``: ``reference`` (einsums, scores in float32) or ``xla`` (``jax.nn.dot_product_attention``,
-    which XLA may fuse). Gemma 2's soft-capping and dropout on the probabilities exist in the reference
+    ``impl``: ``reference`` (einsums, scores in float32), ``xla`` (``jax.nn.dot_product_attention``,
+    which XLA may fuse) or ``cudnn`` (the same call with cuDNN's fused kernel: NVIDIA GPUs, bfloat16 or
+    float16 only). Gemma 2's soft-capping and dropout on the probabilities exist in the reference
     only, so a call that needs them takes it whatever ``impl`` says.
     """
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention implementation {impl!r} is not one of {', '.join(ATTENTION_IMPLS)}")
-    if impl == "xla" and not softcap and (dropout is None or not dropout.rate):
+    if impl != "reference" and not softcap and (dropout is None or not dropout.rate):
         return jax.nn.dot_product_attention(
-            q_btnh, k_bskh, v_bskh, mask=mask_bts[:, None], scale=scale, implementation="xla"
+            q_btnh, k_bskh, v_bskh, mask=mask_bts[:, None], scale=scale, implementation=impl
         )
+    if not softcap and (dropout is None or not dropout.rate):
+        return _attention(q_btnh, k_bskh, v_bskh, mask_bts, scale)
     b, t, n, h = q_btnh.shape
     k = k_bskh.shape[2]
     q_btkgh = q_btnh.reshape(b, t, k, n // k, h)
@@ -295,10 +298,66 @@ def attend(
     scores = scores * scale
     if softcap:
         scores = jnp.tanh(scores / softcap) * softcap
-    # A large finite value rather than -inf keeps fully masked (padding) rows free of NaN.
-    scores = jnp.where(mask_bts[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    scores = jnp.where(mask_bts[:, None, None], scores, MASKED)
     probs = drop(dropout, jax.nn.softmax(scores, axis=-1).astype(v_bskh.dtype), Dropout.ATTN_PROBS)
     return jnp.einsum("bkgts,bskh->btkgh", probs, v_bskh).reshape(b, t, n, h)
+
+
+# A large finite value rather than -inf keeps fully masked (padding) rows free of NaN.
+MASKED = float(np.finfo(np.float32).min)
+
+
+def _heads_first(q_btnh, k_bskh, v_bskh):
+    """q [b, k, g, t, h], k and v [b, k, s, h]: the layout in which every product below is an ordinary
+    batched matrix product."""
+    b, t, n, h = q_btnh.shape
+    k = k_bskh.shape[2]
+    q = q_btnh.reshape(b, t, k, n // k, h).transpose(0, 2, 3, 1, 4)
+    return q, k_bskh.transpose(0, 2, 1, 3), v_bskh.transpose(0, 2, 1, 3)
+
+
+def _attention_fwd(q_btnh, k_bskh, v_bskh, mask_bts, scale):
+    q, k, v = _heads_first(q_btnh, k_bskh, v_bskh)
+    scores = jnp.einsum("bkgth,bksh->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    probs = jax.nn.softmax(jnp.where(mask_bts[:, None, None], scores, MASKED), axis=-1)
+    out = jnp.einsum("bkgts,bksh->bkgth", probs.astype(v.dtype), v)
+    b, t, n, h = q_btnh.shape
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h), (q, k, v, mask_bts, probs, out)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _attention(q_btnh, k_bskh, v_bskh, mask_bts, scale):
+    """Masked softmax attention (the reference's math) with the backward pass written out."""
+    return _attention_fwd(q_btnh, k_bskh, v_bskh, mask_bts, scale)[0]
+
+
+def _attention_bwd(scale, residuals, d_out_btnh):
+    # Autodiff's key and value gradients contract the query axis of the [t, s] probabilities, and XLA's
+    # CPU backend then lays the probabilities' gradient out transposed, fused into a strided loop: at
+    # 1024 tokens that made attention's backward several times its forward. Here the [t, s] arrays
+    # are only ever read row-major; the small q, k, v and output gradients are transposed instead.
+    q, k, v, mask_bts, probs, out = residuals
+    b, kv, g, t, h = q.shape
+    s = k.shape[2]
+    d_out = d_out_btnh.reshape(b, t, kv, g, h).transpose(0, 2, 3, 1, 4)  # [b, k, g, t, h]
+    rows = (b, kv, g * t)  # the g query heads of a key/value head, one after the other
+
+    def over_queries(x_bkgth, y_bkgts):  # sum over g and t of x^T y: [b, k, h, s]
+        x = x_bkgth.transpose(0, 1, 4, 2, 3).reshape(b, kv, h, g * t)
+        return jnp.einsum("bkhx,bkxs->bkhs", x, y_bkgts.reshape(*rows, s))
+
+    dv = over_queries(d_out, probs.astype(v.dtype)).transpose(0, 3, 1, 2)  # [b, s, k, h]
+    d_probs = jnp.einsum("bkgth,bksh->bkgts", d_out, v, preferred_element_type=jnp.float32)
+    # sum_s(d_probs * probs) is sum_h(d_out * out): a reduction over h, not over the [t, s] scores
+    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
+    d_scores = probs * (d_probs - delta)
+    d_scores = (jnp.where(mask_bts[:, None, None], d_scores, 0.0) * scale).astype(q.dtype)
+    dq = jnp.einsum("bkgts,bksh->bkgth", d_scores, k).transpose(0, 3, 1, 2, 4).reshape(b, t, kv * g, h)
+    dk = over_queries(q, d_scores).transpose(0, 3, 1, 2)
+    return dq, dk.astype(k.dtype), dv.astype(v.dtype), None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 class Attention(nnx.Module):

@@ -39,6 +39,27 @@ PRESETS = {
         tie_word_embeddings=True,
         initializer_range=0.041666666666666664,
     ),
+    # Llama-3.2-1B's shapes (tied embeddings, 8 key/value heads): the GPU MFU benchmark's model.
+    "llama3.2-1b": dict(
+        model_type="llama",
+        vocab_size=128256,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=131072,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        rope_parameters=dict(
+            rope_type="llama3",
+            rope_theta=500000.0,
+            factor=32.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=8192,
+        ),
+    ),
     "llama3-8b": dict(
         model_type="llama",
         vocab_size=128256,
