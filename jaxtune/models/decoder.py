@@ -49,6 +49,10 @@ class DecoderConfig(layers.ArchConfig):
     pad_token_id: int = -1  # -1: none; sequence classification then uses the attention mask
     hf_config_json: str = dataclasses.field(default="{}", compare=False)
 
+    @property
+    def causal(self) -> bool:  # a token sees the tokens before it and itself
+        return True
+
     def __post_init__(self):
         if not self.attn_scale:
             object.__setattr__(self, "attn_scale", self.head_dim**-0.5)

@@ -52,6 +52,10 @@ class EncoderConfig(layers.ArchConfig):
             )
 
     @property
+    def causal(self) -> bool:  # every token sees the whole row
+        return False
+
+    @property
     def num_kv_heads(self) -> int:
         return self.num_heads
 
