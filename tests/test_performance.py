@@ -1,6 +1,10 @@
 """Performance seams that must not change a result: the dense product's hand-written backward pass
 equals autodiff's, and FSDP divides a full fine-tune's parameters and optimizer state by the devices."""
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +14,8 @@ from runs import tiny_config
 from jaxtune import sharding
 from jaxtune.models import layers
 from jaxtune.plan import plan
+
+SMOKE = os.path.join(os.path.dirname(__file__), "..", "configs", "smoke.py")
 
 
 @pytest.mark.parametrize(
@@ -59,3 +65,91 @@ def test_fsdp_divides_parameters_and_optimizer_state_by_the_devices(text_file):
     for n in (2, 4, 8):
         # What stays whole on every device: the step counters (a few bytes each).
         assert sizes[1] / n <= sizes[n] <= sizes[1] / n + 1024, (n, sizes)
+
+
+def _autodiff_attention(q_btnh, k_bskh, v_bskh, mask_bts, scale):
+    """The reference's math through autodiff (no hand-written backward, no causal blocks)."""
+    b, t, n, h = q_btnh.shape
+    k = k_bskh.shape[2]
+    q = q_btnh.reshape(b, t, k, n // k, h)
+    scores = jnp.einsum("btkgh,bskh->bkgts", q, k_bskh, preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(mask_bts[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_bskh.dtype)
+    return jnp.einsum("bkgts,bskh->btkgh", probs, v_bskh).reshape(b, t, n, h)
+
+
+@pytest.mark.parametrize(
+    "t, causal, rows",
+    [
+        (512, True, "right"),  # two causal blocks of 256, right padding
+        (512, True, "left"),  # fully masked query rows (left padding)
+        (512, True, "packed"),  # segments: block-diagonal and causal
+        (48, True, "right"),  # too short for blocks
+        (40, False, "right"),  # an encoder's mask: every token sees the row
+    ],
+)
+def test_attention_equals_autodiff_of_the_reference(t, causal, rows):
+    b, n, k, h = 2, 6, 2, 16
+    kq, kk, kv, kd = jax.random.split(jax.random.key(1), 4)
+    q = jax.random.normal(kq, (b, t, n, h))
+    keys, values = jax.random.normal(kk, (b, t, k, h)), jax.random.normal(kv, (b, t, k, h))
+    d_out = jax.random.normal(kd, (b, t, n, h))
+    mask, segments = np.ones((b, t), np.int32), None
+    if rows == "right":
+        mask[1, t - 7 :] = 0
+    elif rows == "left":
+        mask[1, :9] = 0
+    else:
+        segments = np.zeros((b, t), np.int32)
+        segments[:, t // 3 :] = 1
+        segments[:, t // 2 :] = 2
+    mask_bts = layers.attention_mask_bts(jnp.asarray(mask), segments, t, causal=causal)
+    # A query row that sees no key at all (left padding) is padding: what it holds is not defined
+    # (the causal blocks average a shorter row of masked keys), and nothing real reads it.
+    seen = jnp.any(mask_bts, axis=-1)[:, :, None, None]
+    d_out = jnp.where(seen, d_out, 0.0)
+
+    def loss(fn):
+        return lambda q, k, v: jnp.sum(fn(q, k, v) * d_out)
+
+    def ours(q, k, v):
+        return layers.attend(q, k, v, mask_bts, scale=0.25, causal=causal)
+
+    def reference(q, k, v):
+        return _autodiff_attention(q, k, v, mask_bts, 0.25)
+
+    got = jax.jit(jax.value_and_grad(loss(ours), (0, 1, 2)))(q, keys, values)
+    want = jax.jit(jax.value_and_grad(loss(reference), (0, 1, 2)))(q, keys, values)
+    scale = float(jnp.sum(jnp.abs(reference(q, keys, values) * d_out)))  # the sum's terms cancel
+    np.testing.assert_allclose(got[0], want[0], atol=1e-6 * scale)
+    for a, e in zip(got[1], want[1], strict=True):
+        np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(e))))
+    real = np.broadcast_to(np.asarray(seen), q.shape)
+    np.testing.assert_allclose(
+        np.asarray(ours(q, keys, values))[real], np.asarray(reference(q, keys, values))[real], atol=1e-5
+    )
+    assert (rows == "left") == (not real.all())
+
+
+def test_a_rerun_loads_its_compiled_steps_from_the_compilation_cache(text_file, tmp_path):
+    cache = tmp_path / "xla"
+
+    def train(name):
+        cmd = [sys.executable, "-m", "jaxtune.train", "--config", SMOKE, "--workdir", str(tmp_path / name)]
+        cmd += [
+            f"--config.data.train={text_file}",
+            "--config.train.max_steps=2",
+            "--config.eval.every_steps=0",
+        ]
+        cmd += [f"--config.train.compilation_cache_dir={cache}", "--config.checkpoint.every_steps=0"]
+        # Every compile is kept here (by default only those of a second or more: the tiny model's
+        # are faster than that).
+        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+        env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return {p.name for p in cache.iterdir()}
+
+    first = train("first")
+    assert len(first) >= 2  # the train step and the eval step at least
+    assert train("second") == first  # nothing compiled again

@@ -298,7 +298,8 @@ def attend(
     ``causal``: the mask is causal self-attention (t = s, no key after its query), so the reference
     skips the blocks above the diagonal: queries go in blocks of ``CAUSAL_CHUNK`` rows, each against
     the keys up to its last row only. At 1024 tokens that is 10/16 of the full product's work and
-    memory; the result is the same, since the skipped keys are masked anyway.
+    memory; the result is the same, since the skipped keys are masked anyway, except in a query row
+    that sees no key at all (left padding), which no real token reads.
     """
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention implementation {impl!r} is not one of {', '.join(ATTENTION_IMPLS)}")
