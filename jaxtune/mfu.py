@@ -29,10 +29,11 @@ PEAK_FLOPS = (
 
 
 @functools.cache
-def measured_cpu_flops(n: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of the best of ``repeats`` float32 ``n x n`` matrix products on this machine's CPU, measured
-    once per process: CPUs differ too much (2x between two machines of this project) for a constant."""
-    a = jax.device_put(jnp.ones((n, n), jnp.float32), jax.devices("cpu")[0])
+def measured_cpu_flops(dtype: str = "float32", n: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of the best of ``repeats`` ``n x n`` matrix products in ``dtype`` (the compute dtype) on this
+    machine's CPU, measured once per process: CPUs differ too much (2x between two machines of this
+    project) for a constant."""
+    a = jax.device_put(jnp.ones((n, n), dtype), jax.devices("cpu")[0])
     matmul = jax.jit(lambda x: x @ x)
     matmul(a).block_until_ready()
     best = math.inf
@@ -54,8 +55,8 @@ def peak_is_measured(override_tflops: float = 0.0) -> bool:
     return not override_tflops and jax.devices()[0].platform == "cpu"
 
 
-def peak_flops_per_device(override_tflops: float = 0.0) -> float:
-    """The device's dense peak: the datasheet's on TPU and GPU, a measured one on CPU."""
+def peak_flops_per_device(override_tflops: float = 0.0, compute_dtype: str = "float32") -> float:
+    """The device's dense peak: the datasheet's on TPU and GPU, one measured in ``compute_dtype`` on CPU."""
     if override_tflops:
         return override_tflops * 1e12
     device = jax.devices()[0]
@@ -63,7 +64,8 @@ def peak_flops_per_device(override_tflops: float = 0.0) -> float:
     if flops:
         return flops
     if device.platform == "cpu":
-        return measured_cpu_flops() / jax.local_device_count()  # forced host devices share the cores
+        # forced host devices share the cores
+        return measured_cpu_flops(compute_dtype) / jax.local_device_count()
     return 0.0
 
 

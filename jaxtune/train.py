@@ -110,7 +110,7 @@ class Run:
             pretrained.write_lora(spec.lora, model_dir)
             with open(os.path.join(workdir, "config.json"), "w") as f:
                 f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-        self.peak = mfu.peak_flops_per_device(c.peak_tflops) * len(devices)
+        self.peak = mfu.peak_flops_per_device(c.peak_tflops, config.model.compute_dtype) * len(devices)
         count = sum(x.size for x in jax.tree.leaves(self.plan.abstract["params"]))
         self.adapter_params = None  # LoRA: the adapters' size, for the step's FLOPs
         if spec.lora is not None:

@@ -153,3 +153,23 @@ def test_a_rerun_loads_its_compiled_steps_from_the_compilation_cache(text_file, 
     first = train("first")
     assert len(first) >= 2  # the train step and the eval step at least
     assert train("second") == first  # nothing compiled again
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_scale_and_shift_gradients_equal_autodiff(dtype):
+    kx, kw, kc = jax.random.split(jax.random.key(2), 3)
+    x = jax.random.normal(kx, (3, 5, 8)).astype(dtype)
+    w = jax.random.normal(kw, (8,)).astype(dtype)
+    cot = jax.random.normal(kc, (3, 5, 8))
+
+    def loss(fn):
+        return lambda x, w: jnp.sum(fn(x, w).astype(jnp.float32) * cot)
+
+    got = jax.grad(loss(layers.scale_features), (0, 1))(x, w)
+    want = jax.grad(loss(lambda x, w: x * w), (0, 1))(x, w)
+    got += jax.grad(loss(layers.add_features), (0, 1))(x, w)
+    want += jax.grad(loss(lambda x, b: x + b), (0, 1))(x, w)
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    for a, e in zip(got, want, strict=True):
+        assert a.dtype == e.dtype
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(e, np.float32), rtol=tol, atol=tol)

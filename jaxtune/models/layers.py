@@ -184,13 +184,51 @@ class Norm(nnx.Module):
             mean = x.mean(-1, keepdims=True)
             var = jnp.square(x - mean).mean(-1, keepdims=True)
             y = (x - mean) * jax.lax.rsqrt(var + self.eps)
-            return (y * w.astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(dtype)
+            y = scale_features(y, w.astype(jnp.float32))
+            return add_features(y, self.bias[...].astype(jnp.float32)).astype(dtype)
         y = x * jax.lax.rsqrt(jnp.square(x).mean(-1, keepdims=True) + self.eps)
         if self.kind == "rms_one":
             # Gemma scales in float32, then casts.
             return (y * (1.0 + w.astype(jnp.float32))).astype(dtype)
         # Llama casts the normalised activations back first, then scales in the weight dtype.
-        return w * y.astype(dtype)
+        return scale_features(y.astype(dtype), w)
+
+
+@jax.custom_vjp
+def scale_features(x, w):
+    """``x * w``: ``x`` [..., d] times a weight ``w`` [d] of the same dtype."""
+    return x * w
+
+
+def _token_sum(dy_d, dtype):
+    """``dy`` summed over every axis but the last, as a matrix-vector product with ones (see below)."""
+    rows = dy_d.reshape(-1, dy_d.shape[-1])
+    ones = jnp.ones((rows.shape[0],), rows.dtype)
+    return jnp.dot(ones, rows, preferred_element_type=jnp.float32).astype(dtype)
+
+
+@jax.custom_vjp
+def add_features(x, b):
+    """``x + b``: ``x`` [..., d] plus a bias ``b`` [d] of the same dtype."""
+    return x + b
+
+
+add_features.defvjp(lambda x, b: (x + b, None), lambda _, dy: (dy, _token_sum(dy, dy.dtype)))
+
+
+def _scale_features_fwd(x, w):
+    return x * w, (x, w)
+
+
+def _scale_features_bwd(residuals, dy):
+    # The weight's gradient sums dy * x over every token. XLA's CPU backend ran that reduction (fused
+    # with its elementwise input) at a fraction of memory speed: 7 ms a layer at 1024 tokens of
+    # SmolLM2. As a product with a vector of ones it is a matrix-vector product, at memory speed.
+    x, w = residuals
+    return dy * w, _token_sum(dy * x, w.dtype)
+
+
+scale_features.defvjp(_scale_features_fwd, _scale_features_bwd)
 
 
 def activation(name: str):
