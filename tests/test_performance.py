@@ -12,7 +12,7 @@ import pytest
 from runs import tiny_config
 
 from jaxtune import sharding
-from jaxtune.models import layers
+from jaxtune.models import layers, ops
 from jaxtune.plan import plan
 
 SMOKE = os.path.join(os.path.dirname(__file__), "..", "configs", "smoke.py")
@@ -34,7 +34,7 @@ def test_dense_gradients_equal_autodiff(x_shape, w_shape, n_in, dtype, out_dtype
     contract = (tuple(range(len(x_shape) - n_in, len(x_shape))), tuple(range(n_in)))
 
     def ours(x, w):
-        return jnp.sum(layers.dense(x, w, n_in, out_dtype).astype(jnp.float32) * cot)
+        return jnp.sum(ops.dense(x, w, n_in, out_dtype).astype(jnp.float32) * cot)
 
     def autodiff(x, w):
         y = jax.lax.dot_general(x, w, (contract, ((), ())), preferred_element_type=out_dtype)
@@ -165,9 +165,9 @@ def test_scale_and_shift_gradients_equal_autodiff(dtype):
     def loss(fn):
         return lambda x, w: jnp.sum(fn(x, w).astype(jnp.float32) * cot)
 
-    got = jax.grad(loss(layers.scale_features), (0, 1))(x, w)
+    got = jax.grad(loss(ops.scale_features), (0, 1))(x, w)
     want = jax.grad(loss(lambda x, w: x * w), (0, 1))(x, w)
-    got += jax.grad(loss(layers.add_features), (0, 1))(x, w)
+    got += jax.grad(loss(ops.add_features), (0, 1))(x, w)
     want += jax.grad(loss(lambda x, b: x + b), (0, 1))(x, w)
     tol = 1e-5 if dtype == jnp.float32 else 2e-2
     for a, e in zip(got, want, strict=True):

@@ -1,0 +1,171 @@
+"""Operations whose backward pass is written out rather than left to autodiff, for XLA's CPU backend.
+
+Autodiff's backward passes are right, and on accelerators as fast as the forward's; on the CPU the
+way XLA lays out and fuses some of them cost several times the product they belong to (measured in
+benchmarks/README.md). Each operation here computes exactly the forward of the plain ``jax.numpy``
+expression in its docstring and the same gradients (tests/test_performance.py), arranged so that
+every large array is read in the order it is stored. Accelerators get the same code: the arrangement
+is neutral there.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def dense(x, w, n_in: int, out_dtype=None):
+    """``x`` [..., in...] times ``w`` [in..., out...]: the last ``n_in`` dimensions of ``x`` contracted
+    with the first ``n_in`` of ``w``; ``out_dtype``: the accumulation and output dtype (None: the
+    inputs'). The same product as ``jax.lax.dot_general``, with the backward pass written out."""
+    return _dense(x, w, n_in, out_dtype)
+
+
+def _dense(x, w, n_in, out_dtype):
+    contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+    return jax.lax.dot_general(x, w, (contract, ((), ())), preferred_element_type=out_dtype)
+
+
+def _dense_fwd(x, w, n_in, out_dtype):
+    return _dense(x, w, n_in, out_dtype), (x, w)
+
+
+def _dense_bwd(n_in, out_dtype, residuals, dy):
+    # Autodiff's weight gradient contracts the batch dimensions of x and dy in place, and XLA's CPU
+    # backend then lays dy out transposed, fusing the elementwise work that made it (an activation's
+    # backward) into a strided loop that ran 3-10x slower than the product itself. Transposing x, a
+    # plain copy of a saved input, makes it an ordinary [in, tokens] x [tokens, out] product.
+    x, w = residuals
+    lead = x.ndim - n_in
+    dx = jax.lax.dot_general(
+        dy,
+        w,
+        ((tuple(range(lead, dy.ndim)), tuple(range(n_in, w.ndim))), ((), ())),
+        preferred_element_type=out_dtype,
+    )
+    x_t = jnp.transpose(x, tuple(range(lead, x.ndim)) + tuple(range(lead)))
+    dw = jax.lax.dot_general(
+        x_t,
+        dy,
+        ((tuple(range(n_in, x.ndim)), tuple(range(lead))), ((), ())),
+        preferred_element_type=out_dtype,
+    )
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+dense.defvjp(_dense_fwd, _dense_bwd)
+
+
+@jax.custom_vjp
+def scale_features(x, w):
+    """``x * w``: ``x`` [..., f...] times a weight ``w`` [f...] (its trailing axes) of the same dtype."""
+    return x * w
+
+
+def _token_sum(dy, shape, dtype):
+    """``dy`` summed over its leading axes down to ``shape`` (its trailing axes), as a matrix-vector
+    product with ones (see scale_features)."""
+    rows = dy.reshape(-1, math.prod(shape))
+    ones = jnp.ones((rows.shape[0],), rows.dtype)
+    return jnp.dot(ones, rows, preferred_element_type=jnp.float32).reshape(shape).astype(dtype)
+
+
+@jax.custom_vjp
+def add_features(x, b):
+    """``x + b``: ``x`` [..., f...] plus a bias ``b`` [f...] (its trailing axes) of the same dtype."""
+    return x + b
+
+
+add_features.defvjp(lambda x, b: (x + b, b), lambda b, dy: (dy, _token_sum(dy, b.shape, b.dtype)))
+
+
+def _scale_features_fwd(x, w):
+    return x * w, (x, w)
+
+
+def _scale_features_bwd(residuals, dy):
+    # The weight's gradient sums dy * x over every token. XLA's CPU backend ran that reduction (fused
+    # with its elementwise input) at a fraction of memory speed: 7 ms a layer at 1024 tokens of
+    # SmolLM2. As a product with a vector of ones it is a matrix-vector product, at memory speed.
+    x, w = residuals
+    return dy * w, _token_sum(dy * x, w.shape, w.dtype)
+
+
+scale_features.defvjp(_scale_features_fwd, _scale_features_bwd)
+
+
+# A large finite value rather than -inf keeps fully masked (padding) rows free of NaN.
+MASKED = float(np.finfo(np.float32).min)
+
+
+def _heads_first(q_btnh, k_bskh, v_bskh):
+    """q [b, k, g, t, h], k and v [b, k, s, h]: the layout in which every product below is an ordinary
+    batched matrix product."""
+    b, t, n, h = q_btnh.shape
+    k = k_bskh.shape[2]
+    q = q_btnh.reshape(b, t, k, n // k, h).transpose(0, 2, 3, 1, 4)
+    return q, k_bskh.transpose(0, 2, 1, 3), v_bskh.transpose(0, 2, 1, 3)
+
+
+def _probabilities(q, k, mask_bts, scale, stats=None):
+    """Softmax of the masked scores [b, k, g, t, s] and its row statistics (max, sum); given the
+    statistics of an earlier call, the same probabilities, recomputed by the same operations."""
+    scores = jnp.einsum("bkgth,bksh->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(mask_bts[:, None, None], scores, MASKED)
+    top, total = stats if stats is not None else (jnp.max(scores, axis=-1, keepdims=True), None)
+    unnormalised = jnp.exp(scores - top)
+    if total is None:
+        total = jnp.sum(unnormalised, axis=-1, keepdims=True)
+    return unnormalised / total, (top, total)
+
+
+def _attention_fwd(q_btnh, k_bskh, v_bskh, mask_bts, scale):
+    q, k, v = _heads_first(q_btnh, k_bskh, v_bskh)
+    probs, stats = _probabilities(q, k, mask_bts, scale)
+    out = jnp.einsum("bkgts,bksh->bkgth", probs.astype(v.dtype), v)
+    b, t, n, h = q_btnh.shape
+    # The [t, s] probabilities are not kept for the backward pass (at 1024 tokens they are 38 MB a
+    # layer, and writing and reading them back cost more than recomputing them): only their rows' max
+    # and sum, from which the backward pass recomputes them exactly.
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h), (q, k, v, mask_bts, stats, out)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def attention(q_btnh, k_bskh, v_bskh, mask_bts, scale):
+    """Masked softmax attention (the reference's math) with the backward pass written out."""
+    return _attention_fwd(q_btnh, k_bskh, v_bskh, mask_bts, scale)[0]
+
+
+def _attention_bwd(scale, residuals, d_out_btnh):
+    # Autodiff's key and value gradients contract the query axis of the [t, s] probabilities, and XLA's
+    # CPU backend then lays the probabilities' gradient out transposed, fused into a strided loop: at
+    # 1024 tokens that made attention's backward several times its forward. Here the [t, s] arrays
+    # are only ever read row-major; the small q, k, v and output gradients are transposed instead.
+    q, k, v, mask_bts, stats, out = residuals
+    b, kv, g, t, h = q.shape
+    s = k.shape[2]
+    d_out = d_out_btnh.reshape(b, t, kv, g, h).transpose(0, 2, 3, 1, 4)  # [b, k, g, t, h]
+    rows = (b, kv, g * t)  # the g query heads of a key/value head, one after the other
+
+    def over_queries(x_bkgth, y_bkgts):  # sum over g and t of x^T y: [b, k, h, s]
+        x = x_bkgth.transpose(0, 1, 4, 2, 3).reshape(b, kv, h, g * t)
+        return jnp.einsum("bkhx,bkxs->bkhs", x, y_bkgts.reshape(*rows, s))
+
+    probs, _ = _probabilities(q, k, mask_bts, scale, stats)
+    dv = over_queries(d_out, probs.astype(v.dtype)).transpose(0, 3, 1, 2)  # [b, s, k, h]
+    d_probs = jnp.einsum("bkgth,bksh->bkgts", d_out, v, preferred_element_type=jnp.float32)
+    # sum_s(d_probs * probs) is sum_h(d_out * out): a reduction over h, not over the [t, s] scores
+    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
+    d_scores = probs * (d_probs - delta)
+    d_scores = (jnp.where(mask_bts[:, None, None], d_scores, 0.0) * scale).astype(q.dtype)
+    dq = jnp.einsum("bkgts,bksh->bkgth", d_scores, k).transpose(0, 3, 1, 2, 4).reshape(b, t, kv * g, h)
+    dk = over_queries(q, d_scores).transpose(0, 3, 1, 2)
+    return dq, dk.astype(k.dtype), dv.astype(v.dtype), None
+
+
+attention.defvjp(_attention_fwd, _attention_bwd)
