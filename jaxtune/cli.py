@@ -229,9 +229,12 @@ def run(body, *args) -> int:
     return 0
 
 
-def main(p, body, argv=None, with_config: bool = False, multihost: bool = False) -> int:
+def main(
+    p, body, argv=None, with_config: bool = False, multihost: bool = False, compilation_cache: bool = True
+) -> int:
     """Parse ``argv`` with ``p`` (for ``with_config`` commands also the ``--config.KEY`` overrides into
-    ``args.config``, a ConfigDict), log to the console, join the multi-process runtime (``multihost``
+    ``args.config``, a ConfigDict, and its ``train.compilation_cache_dir`` in use unless
+    ``compilation_cache`` is False), log to the console, join the multi-process runtime (``multihost``
     commands: see :mod:`jaxtune.distributed`), run ``body(args)``; return the exit status."""
     from jaxtune import distributed
 
@@ -242,7 +245,8 @@ def main(p, body, argv=None, with_config: bool = False, multihost: bool = False)
         if with_config:
             args, rest = p.parse_known_args(argv)
             args.config = load_config(args.config, rest)
-            use_compilation_cache(args.config.train.compilation_cache_dir)
+            if compilation_cache:
+                use_compilation_cache(args.config.train.compilation_cache_dir)
         else:
             args = p.parse_args(argv)
     except (JaxtuneError, OSError) as e:

@@ -360,7 +360,9 @@ def main(argv=None) -> int:
     p.add_argument("--topology", required=True, help="v5p-32, v6e-256, v5litepod-16, v5p:2x2x4, cpu:8, ...")
     p.add_argument("--num_slices", type=int, default=1, help="slices joined over the data-center network")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    return cli.main(p, _run, argv, with_config=True)
+    # Without the target's devices JAX can write a compiled step to its persistent cache but not load
+    # it back (it needs a client of that platform), so the cache is not used here.
+    return cli.main(p, _run, argv, with_config=True, compilation_cache=False)
 
 
 if __name__ == "__main__":
