@@ -75,7 +75,7 @@ def variant(attention: str, remat: str, batch: int, seq_len: int, steps: int, mo
         loss = float(jax.device_get(metrics["loss"]))
         seconds = (time.perf_counter() - t0) / steps
     flops = mfu.flops_per_token(p.spec.cfg, seq_len) * batch * seq_len
-    peak = mfu.datasheet_peak(devices[0].device_kind)
+    peak = mfu.datasheet_peak(devices[0].device_kind, "bfloat16")
     return {
         "attention": attention,
         "remat": remat,

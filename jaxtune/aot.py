@@ -192,7 +192,7 @@ def report(config, where: Slice, devices, p) -> Report:
     )
     tokens = config.train.batch_size * length
     flops = mfu.flops_per_token(p.spec.cfg, length, p.objective.causal) * tokens
-    peak = mfu.datasheet_peak(devices[0].device_kind) if where.generation else 0.0
+    peak = mfu.datasheet_peak(devices[0].device_kind, config.model.compute_dtype) if where.generation else 0.0
     return Report(
         topology=where.name + (f" x {where.num_slices} slices" if where.num_slices > 1 else ""),
         device_kind=devices[0].device_kind,

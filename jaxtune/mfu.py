@@ -44,10 +44,18 @@ def measured_cpu_flops(dtype: str = "float32", n: int = 2048, repeats: int = 5) 
     return 2.0 * n**3 / best
 
 
-def datasheet_peak(device_kind: str) -> float:
-    """The dense bfloat16 peak of a chip by its ``device_kind``; 0 when the table does not know it."""
+GPUS = ("h200", "h100", "a100")
+
+
+def datasheet_peak(device_kind: str, compute_dtype: str = "bfloat16") -> float:
+    """The dense peak of a chip by its ``device_kind`` for ``compute_dtype``; 0 when the table does not
+    know it. 16-bit types: the bfloat16 peak. float32: on these GPUs JAX's default precision runs it as
+    TF32, at half the bfloat16 rate; a TPU's default precision runs it as one bfloat16 pass."""
     kind = device_kind.lower()
-    return next((flops for key, flops in PEAK_FLOPS if key in kind), 0.0)
+    flops = next((flops for key, flops in PEAK_FLOPS if key in kind), 0.0)
+    if jnp.dtype(compute_dtype).itemsize > 2 and any(gpu in kind for gpu in GPUS):
+        return flops / 2
+    return flops
 
 
 def peak_is_measured(override_tflops: float = 0.0) -> bool:
@@ -56,11 +64,11 @@ def peak_is_measured(override_tflops: float = 0.0) -> bool:
 
 
 def peak_flops_per_device(override_tflops: float = 0.0, compute_dtype: str = "float32") -> float:
-    """The device's dense peak: the datasheet's on TPU and GPU, one measured in ``compute_dtype`` on CPU."""
+    """The device's dense peak in ``compute_dtype``: the datasheet's on TPU and GPU, measured on CPU."""
     if override_tflops:
         return override_tflops * 1e12
     device = jax.devices()[0]
-    flops = datasheet_peak(device.device_kind)
+    flops = datasheet_peak(device.device_kind, compute_dtype)
     if flops:
         return flops
     if device.platform == "cpu":

@@ -173,3 +173,13 @@ def test_scale_and_shift_gradients_equal_autodiff(dtype):
     for a, e in zip(got, want, strict=True):
         assert a.dtype == e.dtype
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(e, np.float32), rtol=tol, atol=tol)
+
+
+def test_the_datasheet_peak_follows_the_compute_dtype():
+    from jaxtune import mfu
+
+    assert mfu.datasheet_peak("NVIDIA H100 80GB HBM3", "bfloat16") == 989e12
+    assert mfu.datasheet_peak("NVIDIA H200", "float32") == 989e12 / 2  # TF32 under JAX's default precision
+    assert mfu.datasheet_peak("TPU v5", "float32") == 459e12  # one bfloat16 pass
+    assert mfu.datasheet_peak("TPU v5 lite", "bfloat16") == 197e12
+    assert mfu.datasheet_peak("Some new chip", "bfloat16") == 0.0
