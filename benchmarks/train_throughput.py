@@ -149,6 +149,7 @@ def trainer_child(row: Row, steps: int, text: str, workdir: str, out: str) -> No
     import jaxtune
     from jaxtune import cli, data
     from jaxtune.data.loader import Batches
+    from jaxtune.models import layers
     from jaxtune.train import load_tokenizer
 
     config = cli.load_config(os.path.join(ROOT, "configs", row.config), overrides(row, steps, text))
@@ -173,10 +174,9 @@ def trainer_child(row: Row, steps: int, text: str, workdir: str, out: str) -> No
                 # Trainer's models shift the labels themselves: position t's label is token t.
                 target = np.where(b["loss_mask"][i] > 0, b["targets"][i], -100)
                 ex["labels"] = tensor(np.concatenate([[-100], target[:-1]]))
-                if "segment_ids" in b:  # packed: positions restart per example
-                    seg, at = b["segment_ids"][i], np.arange(b["segment_ids"].shape[1])
-                    starts = np.concatenate([[True], seg[1:] != seg[:-1]])
-                    ex["position_ids"] = tensor(at - np.maximum.accumulate(np.where(starts, at, 0)))
+                if "segment_ids" in b:  # packed: positions restart per example, as jaxtune's do
+                    seg = b["segment_ids"][i : i + 1]
+                    ex["position_ids"] = tensor(layers.default_positions(None, seg, *seg.shape)[0])
             examples.append(ex)
     if labels is not None:
         start = os.path.join(workdir, "start")  # jaxtune's starting weights, its new classifier included

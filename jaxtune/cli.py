@@ -261,14 +261,17 @@ def main(
 
 
 def use_compilation_cache(path: str) -> None:
-    """Keep compiled programs in ``path`` (JAX's persistent cache), before anything compiles; "" = off.
-    Every compile of a second or more is kept, the train step's included."""
+    """Keep compiled programs in ``path`` (JAX's persistent cache; a local folder or a gs:// one), before
+    anything compiles; "" = off. JAX keeps compiles of a second or more (its
+    ``jax_persistent_cache_min_compile_time_secs``, which the environment can set), the train step's
+    included."""
     if not path:
         return
     import jax
 
-    jax.config.update("jax_compilation_cache_dir", os.path.abspath(os.path.expanduser(path)))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    if "://" not in path:  # a URL (gs://) is JAX's to resolve; a local path is made absolute
+        path = os.path.abspath(os.path.expanduser(path))
+    jax.config.update("jax_compilation_cache_dir", path)
 
 
 def _quiet_unless_main() -> None:
