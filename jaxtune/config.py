@@ -93,8 +93,15 @@ def defaults() -> ml_collections.ConfigDict:
         # step per length); 0 = every batch is seq_len long
         pad_to_multiple_of=0,
         packing=False,  # several examples per row (segment ids; attention and positions per example)
+        # packing places each example first-fit in one of the last N rows opened (linear time and
+        # bounded memory); 0 = every open row (quadratic in the worst case)
+        pack_window=64,
         too_long="truncate",  # chat / instruction examples longer than a row: truncate | drop (counted)
         cache_dir="",  # keep tokenized rows here; reused while data, tokenizer and config are unchanged
+        # read data.train lazily, tokenize in worker processes and pack as training goes (corpora too big
+        # to prepare; needs train.max_steps); each process reads its own share of the files
+        streaming=False,
+        workers=0,  # tokenizer processes of jaxtune.prepare and of streaming; 0 = one per CPU core
     )
     c.train = dict(
         batch_size=8,  # global, across all devices and micro-batches
@@ -331,6 +338,19 @@ def validate(config, num_devices: int | None = None) -> None:
     _one_of("data.loss_on", c.data.loss_on, ("assistant", "all"))
     _positive("data.seq_len", c.data.seq_len)
     _positive("data.pad_to_multiple_of", c.data.pad_to_multiple_of, zero_ok=True)
+    _positive("data.pack_window", c.data.pack_window, zero_ok=True)
+    _positive("data.workers", c.data.workers, zero_ok=True)
+    if c.data.streaming:
+        if not c.train.max_steps:
+            raise ConfigError(
+                "config key data.streaming = True needs train.max_steps: a stream has no known length"
+            )
+        if c.data.format == "classification" or c.data.eval_fraction or c.data.weights or c.data.dedupe:
+            raise ConfigError(
+                "config key data.streaming = True reads text, chat and instruction sources in order; "
+                "unset data.eval_fraction, data.weights and data.dedupe (give data.eval for evaluation) "
+                "and do not stream classification data"
+            )
     if c.data.pad_to_multiple_of and c.data.format != "classification":
         raise ConfigError(
             f"config key data.pad_to_multiple_of = {c.data.pad_to_multiple_of} applies to "

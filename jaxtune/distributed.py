@@ -148,3 +148,23 @@ def is_main() -> bool:
     import jax
 
     return jax.process_index() == 0
+
+
+def gather_json(value) -> list:
+    """``value`` (JSON-able) of every process, by process index; a collective, so every process calls
+    it at the same point (a streaming run's data positions, saved in each checkpoint)."""
+    import jax
+
+    if jax.process_count() == 1:
+        return [value]
+    import json
+
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    blob = np.frombuffer(json.dumps(value).encode(), np.uint8)
+    sizes = multihost_utils.process_allgather(np.asarray([len(blob)], np.int64)).reshape(-1)
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[: len(blob)] = blob
+    every = multihost_utils.process_allgather(padded).reshape(len(sizes), -1)
+    return [json.loads(bytes(row[:n]).decode()) for row, n in zip(every, sizes, strict=True)]

@@ -23,6 +23,7 @@ from jaxtune import checkpoint, cli, data, evaluators, finish, mfu, optim, pretr
 from jaxtune.best import BestTracker
 from jaxtune.config import validate
 from jaxtune.data.loader import Batches
+from jaxtune.data.stream import StreamBatches
 from jaxtune.errors import ConfigError, TrainingError
 from jaxtune.logical import activation_sharding
 from jaxtune.meter import NonFiniteLoss, StepMeter
@@ -86,18 +87,26 @@ class Run:
             )
         # The weights load before the data are tokenized: a damaged checkpoint is found in seconds.
         model = load_model(config, mesh, mesh_rules(config), self.labels, spec.lora)
-        train_rows, self.eval_rows = data.load(config.data, self.tokenizer, c.seed, self.labels)
         pid = jax.process_index()
-        self.batches = Batches(
-            train_rows,
-            c.batch_size,
-            c.seed,
-            sharding.process_rows(sharding.batch_sharding(mesh, mesh_rules(config)), c.batch_size),
-            weights=config.data.weights,
-            pad_to_multiple_of=config.data.pad_to_multiple_of,
-        )
+        mine = sharding.process_rows(sharding.batch_sharding(mesh, mesh_rules(config)), c.batch_size)
+        if config.data.streaming:
+            self.eval_rows = data.load_eval(config.data, self.tokenizer, self.labels)
+            self.batches = StreamBatches(
+                config.data, self.tokenizer, c.batch_size, c.seed, mine, (pid, jax.process_count())
+            )
+            types = False
+        else:
+            train_rows, self.eval_rows = data.load(config.data, self.tokenizer, c.seed, self.labels)
+            self.batches = Batches(
+                train_rows,
+                c.batch_size,
+                c.seed,
+                mine,
+                weights=config.data.weights,
+                pad_to_multiple_of=config.data.pad_to_multiple_of,
+            )
+            types = "token_type_ids" in train_rows[0]
         self.total = c.max_steps or c.num_epochs * self.batches.steps_per_epoch
-        types = "token_type_ids" in train_rows[0]
         self.plan = plan(config, mesh, self.total, self.labels, spec, token_types=types)
         self.state, self.frozen = self.plan.materialise(self.labels, model)
         del model
@@ -176,6 +185,8 @@ class Run:
             if writer is not None:
                 writer.close()
             raise
+        finally:
+            self.batches.close()  # streaming's tokenizer processes
         ckpt.wait()
         ckpt.close()
         writer.close()

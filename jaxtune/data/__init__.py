@@ -21,11 +21,12 @@ import hashlib
 import json
 import logging
 import os
+import types
 
 import numpy as np
 
-from jaxtune.data.packing import pack, pad_rows
-from jaxtune.data.sources import DataError, expand, read
+from jaxtune.data.packing import RowBuilder
+from jaxtune.data.sources import DataError, expand, fingerprint, read
 from jaxtune.data.textids import text_ids
 
 log = logging.getLogger(__name__)
@@ -79,21 +80,22 @@ def _field(record: dict, name: str, origin: str):
 
 
 def text_rows(recs, tokenizer, seq_len: int, field: str = "text") -> dict[str, np.ndarray]:
-    """Each record a document, EOS after each; the stream is cut into rows overlapping by one token so
-    every token after the first is a target exactly once. The last row is padded, not dropped.
-    Tokenized in bounded pieces (:mod:`.textids`), so memory stays a small multiple of the text."""
-    eos = tokenizer.eos_token_id
-    texts = (_field(record, field, origin) for record, origin in recs)
-    end = np.asarray([eos] if eos is not None else [], np.int32)
-    stream = np.concatenate([part for ids in text_ids(tokenizer, texts) for part in (ids, end)] or [end[:0]])
-    width, starts = seq_len + 1, range(0, max(len(stream) - 1, 1), seq_len)
-    tokens = np.zeros((len(starts), width), np.int32)
-    mask = np.zeros((len(starts), width), np.int8)
-    for r, s in enumerate(starts):
-        piece = stream[s : s + width]
-        tokens[r, : len(piece)] = piece
-        mask[r, : len(piece)] = 1
-    return {"tokens": tokens, "mask": mask, "loss": mask.copy()}
+    """Each record a document, EOS after each; the stream is cut into rows overlapping by one token
+    (:class:`.packing.TextCutter`). Tokenized in bounded pieces (:mod:`.textids`), so memory stays a
+    small multiple of the text."""
+    c = types.SimpleNamespace(format="text", seq_len=seq_len)
+    return build_rows(RowBuilder(c, tokenizer.eos_token_id), text_pieces(recs, tokenizer, field))
+
+
+def text_pieces(recs, tokenizer, field: str = "text"):
+    """The token ids of each record's text."""
+    return text_ids(tokenizer, (_field(record, field, origin) for record, origin in recs))
+
+
+def build_rows(builder: RowBuilder, items) -> dict[str, np.ndarray]:
+    """Every row of ``items`` (documents' ids or examples' pieces) through ``builder``, as arrays."""
+    out = [row for item in items for row in builder.add(item)]
+    return builder.arrays(out + builder.flush())
 
 
 def render(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
@@ -167,8 +169,10 @@ def chat_messages(record: dict, origin: str) -> list[dict]:
     return messages
 
 
-def example_rows(recs, tokenizer, c) -> dict[str, np.ndarray]:
-    """Rows of chat or instruction examples, packed or one per row."""
+def example_pieces(recs, tokenizer, c) -> tuple[list, int, int]:
+    """(ids, loss flags) of each chat or instruction example that fits a row (those longer than
+    seq_len + 1 tokens truncated or dropped, ``data.too_long``), and how many were truncated and
+    dropped."""
     if getattr(tokenizer, "chat_template", None) is None:
         raise DataError(
             f"the tokenizer has no chat template, which data.format={c.format!r} needs; use a chat model"
@@ -184,21 +188,32 @@ def example_rows(recs, tokenizer, c) -> dict[str, np.ndarray]:
                 continue
             truncated += 1
             ids, on = ids[:limit], on[:limit]
-        pieces.append((ids, on))
+        pieces.append((np.asarray(ids, np.int32), on))
+    return pieces, truncated, dropped
+
+
+def report_too_long(truncated: int, dropped: int, total: int, c) -> None:
+    """The log line of :func:`example_pieces`' counts; no example left is an error."""
     if truncated or dropped:
         what = "truncated" if truncated else "dropped"
         log.warning(
             "%d of %d examples were longer than seq_len + 1 = %d tokens and were %s (data.too_long)",
             truncated or dropped,
-            len(recs),
-            limit,
+            total,
+            c.seq_len + 1,
             what,
         )
-    if not pieces:
+    if dropped and dropped == total:
         raise DataError(
             "every example was dropped as too long; raise data.seq_len or set data.too_long='truncate'"
         )
-    return pack(pieces, c.seq_len) if c.packing else pad_rows(pieces, c.seq_len)
+
+
+def example_rows(recs, tokenizer, c) -> dict[str, np.ndarray]:
+    """Rows of chat or instruction examples, packed or one per row."""
+    pieces, truncated, dropped = example_pieces(recs, tokenizer, c)
+    report_too_long(truncated, dropped, len(recs), c)
+    return build_rows(RowBuilder(c, tokenizer.eos_token_id), pieces)
 
 
 def rows(recs, tokenizer, c, labels=None) -> dict[str, np.ndarray]:
@@ -211,8 +226,9 @@ def rows(recs, tokenizer, c, labels=None) -> dict[str, np.ndarray]:
     return example_rows(recs, tokenizer, c)
 
 
-def size(rows: dict) -> int:
-    return len(next(iter(rows.values())))
+def size(rows) -> int:
+    """Rows in a dict of arrays or a prepared set (:class:`.shards.PreparedRows`)."""
+    return len(next(iter(rows.values()))) if isinstance(rows, dict) else len(rows)
 
 
 def _held_out(recs, tokenizer, c, seed: int, labels=None) -> tuple[dict, dict | None]:
@@ -240,20 +256,23 @@ def concat(parts: list[dict]) -> dict:
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
-def _cache_key(c, tokenizer, seed: int, labels) -> str:
-    """What the rows depend on: the data config, the seed (the held-out split), the tokenizer and chat
-    template, and each local file's size and modification time (tfds: / hf: sources by name)."""
-    files = []
-    for spec in (c.train, c.eval):
-        for source in expand(spec, "data") if spec else []:
-            stat = None if source.startswith(("tfds:", "hf:")) else os.stat(source)
-            files.append((source, stat and stat.st_size, stat and stat.st_mtime_ns))
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of the tokenizer's vocabulary, merges and normalisation (its whole serialised form)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     vocab = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(vocab.encode()).hexdigest()[:24]
+
+
+def _cache_key(c, tokenizer, seed: int, labels) -> str:
+    """What the rows depend on: the data config, the seed (the held-out split), the tokenizer and chat
+    template, and each source's fingerprint (:func:`.sources.fingerprint`: a file's size and time, a
+    TFDS version, a Hugging Face dataset's fingerprint)."""
+    found = [fingerprint(s, c.split, c.data_dir) for s in expand(c.train, "data.train")]
+    found += [fingerprint(s, c.eval_split, c.data_dir) for s in expand(c.eval, "data.eval")] if c.eval else []
     blob = json.dumps(
-        [c.to_dict(), seed, files, getattr(tokenizer, "chat_template", None), labels], default=str
+        [c.to_dict(), seed, found, getattr(tokenizer, "chat_template", None), labels], default=str
     )
-    return hashlib.sha256((blob + vocab).encode()).hexdigest()[:24]
+    return hashlib.sha256((blob + tokenizer_fingerprint(tokenizer)).encode()).hexdigest()[:24]
 
 
 def load(c, tokenizer, seed: int, labels=None) -> tuple[list[dict], dict | None]:
@@ -264,6 +283,8 @@ def load(c, tokenizer, seed: int, labels=None) -> tuple[list[dict], dict | None]
     everything they depend on) and read back on the next run instead of tokenizing again.
     ``labels`` (label names by id, from :func:`jaxtune.data.classify.label_map`) for classification.
     """
+    if c.train.startswith("prepared:"):
+        return load_prepared(c, tokenizer, labels)
     if not c.cache_dir:
         return _load(c, tokenizer, seed, labels)
     path = os.path.join(c.cache_dir, f"rows-{_cache_key(c, tokenizer, seed, labels)}.npz")
@@ -288,6 +309,15 @@ def load(c, tokenizer, seed: int, labels=None) -> tuple[list[dict], dict | None]
     return parts, held
 
 
+def load_eval(c, tokenizer, labels=None):
+    """The eval rows of ``data.eval`` alone (a streaming run: its training rows are not loaded)."""
+    if not c.eval:
+        return None
+    if c.eval.startswith("prepared:"):
+        return _prepared_eval(c.eval, c, tokenizer)
+    return rows(records(c.eval, "data.eval", c.eval_split, c.data_dir), tokenizer, c, labels)
+
+
 def _load(c, tokenizer, seed: int, labels=None) -> tuple[list[dict], dict | None]:
     parts, held = [], []
     for recs in train_groups(c):
@@ -299,8 +329,67 @@ def _load(c, tokenizer, seed: int, labels=None) -> tuple[list[dict], dict | None
     return parts, concat(held) if held else None
 
 
-def take(rows: dict, index) -> dict:
-    return {k: v[index] for k, v in rows.items()}
+def load_prepared(c, tokenizer, labels=None):
+    """:func:`load` of ``data.train = "prepared:DIR[,prepared:DIR2...]"``: the prepared parts, read by
+    row from their shards (one part per training group, or all in one pool without ``data.weights``);
+    eval rows from ``data.eval`` (raw sources, tokenized in memory, or ``prepared:DIR``'s eval rows),
+    else the first folder's eval rows."""
+    from jaxtune.data import shards
+
+    specs = [s.strip() for s in c.train.split(",") if s.strip()]
+    if not all(s.startswith("prepared:") for s in specs):
+        raise DataError(
+            f"config key data.train = {c.train!r} mixes prepared:DIR with raw sources; prepare them together"
+        )
+    fp, template = tokenizer_fingerprint(tokenizer), getattr(tokenizer, "chat_template", None)
+    folders = []
+    for spec in specs:
+        folder = os.path.expanduser(spec[len("prepared:") :])
+        index = shards.read_index(folder)
+        shards.check(index, folder, c, fp, template)
+        folders.append((folder, index))
+    groups = [(f, i, p) for f, i in folders for p in i["parts"]]
+    if c.weights and len(c.weights) != len(groups):
+        raise DataError(
+            f"data.weights has {len(c.weights)} weights but the prepared data {c.train!r} has {len(groups)} "
+            "parts (one per source prepared with weights); give one weight per part"
+        )
+    if c.weights:
+        parts = [shards.open_part(f, i, p) for f, i, p in groups]
+    else:
+        folder, index = folders[0]
+        every = [
+            dict(s, file=os.path.relpath(os.path.join(f, s["file"]), folder))
+            for f, _, p in groups
+            for s in p["shards"]
+        ]
+        parts = [shards.open_part(folder, index, {"shards": every})]
+    if c.eval:
+        return parts, load_eval(c, tokenizer, labels)
+    folder, index = folders[0]
+    return parts, shards.open_part(folder, index, index["eval"]) if index["eval"] else None
+
+
+def _prepared_eval(spec: str, c, tokenizer):
+    """The eval rows of a prepared folder (``data.eval = "prepared:DIR"``)."""
+    from jaxtune.data import shards
+
+    folder = os.path.expanduser(spec[len("prepared:") :])
+    index = shards.read_index(folder)
+    shards.check(
+        index, folder, c, tokenizer_fingerprint(tokenizer), getattr(tokenizer, "chat_template", None)
+    )
+    if not index["eval"]:
+        raise DataError(
+            f"{folder}: holds no eval rows; prepare it with data.eval or data.eval_fraction, "
+            "or change data.eval"
+        )
+    return shards.open_part(folder, index, index["eval"])
+
+
+def take(rows, index) -> dict:
+    """The rows at ``index`` of a dict of arrays or of a prepared set, as a dict of arrays."""
+    return {k: v[index] for k, v in rows.items()} if isinstance(rows, dict) else rows.take(index)
 
 
 TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids")  # per-token arrays of classification rows

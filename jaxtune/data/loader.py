@@ -88,6 +88,9 @@ class Batches:
     def state(self) -> dict:
         return self._iter.get_state()
 
+    def close(self) -> None:  # nothing to stop: Grain's threads end with the iterator
+        pass
+
     def restore(self, state: dict) -> None:
         self._iter.set_state(state)
 

@@ -19,7 +19,7 @@ import os
 from jaxtune.errors import DataError, DataNotFound
 
 log = logging.getLogger(__name__)
-__all__ = ["DataError", "expand", "read"]
+__all__ = ["DataError", "expand", "fingerprint", "iterate", "read"]
 
 
 def expand(spec: str, key: str) -> list[str]:
@@ -27,7 +27,7 @@ def expand(spec: str, key: str) -> list[str]:
     ``hf:`` names."""
     out = []
     for part in (p.strip() for p in spec.split(",") if p.strip()):
-        if part.startswith(("tfds:", "hf:")):
+        if part.startswith(("tfds:", "hf:", "prepared:")):
             out.append(part)
             continue
         found = sorted(f for f in glob.glob(os.path.expanduser(part)) if os.path.isfile(f))
@@ -38,34 +38,71 @@ def expand(spec: str, key: str) -> list[str]:
     return out
 
 
+def fingerprint(source: str, split: str = "train", data_dir: str = "") -> list:
+    """What a source's records depend on, for caches and prepared data: a file's size and modification
+    time; a TFDS dataset's version and the size and time of its prepared files; a Hugging Face
+    dataset's fingerprint (``datasets`` hashes its content and history). A rebuilt dataset of the same
+    name so gets a new fingerprint."""
+    if source.startswith("tfds:"):
+        return [source, split, *_tfds_version(source[5:], data_dir)]
+    if source.startswith("hf:"):
+        return [source, split, _hf_fingerprint(source[3:], split)]
+    stat = os.stat(source)
+    return [source, stat.st_size, stat.st_mtime_ns]
+
+
+def _tfds_version(name: str, data_dir: str) -> list:
+    import tensorflow_datasets as tfds
+
+    try:
+        builder = tfds.builder(name, data_dir=data_dir or None)
+        files = sorted(glob.glob(os.path.join(builder.data_dir, "*")))
+    except Exception as e:  # tfds raises several types for a missing dataset
+        raise DataError(f"tfds:{name}: not found ({type(e).__name__}: {str(e).splitlines()[0]})") from e
+    stats = [(os.path.basename(f), os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files]
+    return [str(builder.info.version), stats]
+
+
+def _hf_fingerprint(name: str, split: str) -> str:
+    if os.path.isdir(name):  # a save_to_disk folder: its state.json (per split in a DatasetDict)
+        for state in (os.path.join(name, split, "state.json"), os.path.join(name, "state.json")):
+            if os.path.exists(state):
+                with open(state, encoding="utf-8") as f:
+                    return str(json.load(f).get("_fingerprint"))
+    ds = _hf_dataset(name, split)
+    return str(getattr(ds, "_fingerprint", None))
+
+
 def read(source: str, split: str = "train", data_dir: str = "") -> list[tuple[dict, str]]:
     """(record, origin) pairs of one source; ``origin`` is ``file:line`` or ``name[index]``."""
+    return list(iterate(source, split, data_dir))
+
+
+READERS = {}  # extension -> reader, filled below
+
+
+def iterate(source: str, split: str = "train", data_dir: str = ""):
+    """:func:`read` one record at a time: a JSONL, CSV or TSV file, a TFDS split or a Hugging Face
+    dataset is never held whole (the other formats are one document each, or parsed whole)."""
     if source.startswith("tfds:"):
-        return _tfds(source[5:], split, data_dir)
-    if source.startswith("hf:"):
-        return _hf(source[3:], split)
-    ext = os.path.splitext(source)[1].lower()
-    readers = {
-        ".jsonl": _jsonl,
-        ".json": _json,
-        ".csv": _csv,
-        ".tsv": _tsv,
-        ".parquet": _parquet,
-        ".txt": _txt,
-        ".md": _txt,
-        ".yml": _yaml,
-        ".yaml": _yaml,
-    }
-    if ext not in readers:
-        raise DataError(
-            f"{source}: unknown file type {ext!r}; use {', '.join(readers)}, tfds:NAME or hf:NAME"
-        )
-    if os.path.getsize(source) == 0:
-        raise DataError(f"{source}: the file is empty; remove it from the data or fill it")
-    records = readers[ext](source)
-    if not records:
-        raise DataError(f"{source}: holds no records")
-    return records
+        records = _tfds(source[5:], split, data_dir)
+    elif source.startswith("hf:"):
+        records = _hf(source[3:], split)
+    else:
+        ext = os.path.splitext(source)[1].lower()
+        if ext not in READERS:
+            raise DataError(
+                f"{source}: unknown file type {ext!r}; use {', '.join(READERS)}, tfds:NAME or hf:NAME"
+            )
+        if os.path.getsize(source) == 0:
+            raise DataError(f"{source}: the file is empty; remove it from the data or fill it")
+        records = READERS[ext](source)
+    empty = True
+    for record in records:
+        empty = False
+        yield record
+    if empty:
+        raise DataError(f"{source}: holds no records; remove it from the data or fill it")
 
 
 def _not_utf8(path: str, line: int, byte: int, offset: int) -> DataError:
@@ -107,7 +144,6 @@ def _json_reason(e: json.JSONDecodeError) -> str:
 
 
 def _jsonl(path):
-    out = []
     for n, line in lines_of(path):
         if not line.strip():
             continue
@@ -117,8 +153,7 @@ def _jsonl(path):
             raise DataError(f"{path}:{n}: not valid JSON ({_json_reason(e)}); fix or remove the line") from e
         if not isinstance(record, dict):
             raise DataError(f"{path}:{n}: a JSON {type(record).__name__}, not an object with named fields")
-        out.append((record, f"{path}:{n}"))
-    return out
+        yield record, f"{path}:{n}"
 
 
 def _json(path):
@@ -139,15 +174,14 @@ def _csv(path):
     fields than the header is an error: csv would file the extra fields under the key None (or fill the
     missing ones with None), and a field shifted that way becomes, say, a new label."""
     reader = csv.DictReader(line for _, line in lines_of(path, keep_ends=True))
-    out = []
     try:
         if reader.fieldnames is None:  # reads the header; none: no records
-            return out
+            return
         while True:
             n = reader.line_num + 1  # a quoted field may span lines: the record starts on the next one
             row = next(reader, None)
             if row is None:
-                return out
+                return
             width = len(reader.fieldnames)
             if None in row:
                 raise DataError(
@@ -157,7 +191,7 @@ def _csv(path):
             if any(v is None for v in row.values()):
                 got = sum(v is not None for v in row.values())
                 raise DataError(f"{path}:{n}: {got} fields where the header has {width}; fix the row")
-            out.append((row, f"{path}:{n}"))
+            yield row, f"{path}:{n}"
     except csv.Error as e:
         raise DataError(f"{path}:{reader.line_num}: not valid CSV ({e}); fix the row") from e
 
@@ -166,7 +200,6 @@ def _tsv(path):
     """Split on the last tabs so that a tab inside the first column's text survives (GLUE files)."""
     lines = lines_of(path)
     header = next(lines, (1, ""))[1].split("\t")
-    out = []
     for n, line in lines:
         if not line:
             continue
@@ -175,8 +208,7 @@ def _tsv(path):
             raise DataError(
                 f"{path}:{n}: {len(values)} tab-separated fields where the header has {len(header)}"
             )
-        out.append((dict(zip(header, values, strict=True)), f"{path}:{n}"))
-    return out
+        yield dict(zip(header, values, strict=True)), f"{path}:{n}"
 
 
 def _parquet(path):
@@ -250,13 +282,18 @@ def _tfds(name: str, split: str, data_dir: str):
             f"tfds:{name} split {split!r}: not prepared in {where} ({reason}); "
             "build it with tfds (file_format='array_record') or set data.data_dir"
         ) from e
-    return [
+    return (
         ({k: _decode(v) for k, v in source[i].items()}, f"tfds:{name}[{split}][{i}]")
         for i in range(len(source))
-    ]
+    )
 
 
 def _hf(name: str, split: str):
+    ds = _hf_dataset(name, split)
+    return ((dict(row), f"hf:{name}[{split}][{i}]") for i, row in enumerate(ds))
+
+
+def _hf_dataset(name: str, split: str):
     try:
         import datasets
     except ImportError as e:
@@ -272,4 +309,19 @@ def _hf(name: str, split: str):
             f"hf:{name} split {split!r}: cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0]}); "
             "pass a save_to_disk folder, check the split name, or go online"
         ) from e
-    return [(dict(row), f"hf:{name}[{split}][{i}]") for i, row in enumerate(ds)]
+    return ds
+
+
+READERS.update(
+    {
+        ".jsonl": _jsonl,
+        ".json": _json,
+        ".csv": _csv,
+        ".tsv": _tsv,
+        ".parquet": _parquet,
+        ".txt": _txt,
+        ".md": _txt,
+        ".yml": _yaml,
+        ".yaml": _yaml,
+    }
+)

@@ -1,0 +1,47 @@
+"""Tokenize a config's data once, into shards that training reads by row.
+
+    python -m jaxtune.prepare --config configs/X.py[:arg] [--config.KEY=VALUE ...] --out DIR [--workers N]
+
+Reads ``data.train`` (and ``data.eval``) as the config names them, tokenizes in worker processes,
+cuts or packs rows of ``data.seq_len + 1`` tokens exactly as training in memory would, and writes
+ArrayRecord shards and ``DIR/index.json``. Then train with ``--config.data.train=prepared:DIR``: rows
+are read by number in a global shuffle, so memory does not grow with the corpus. An interrupted
+prepare resumes when run again; a rerun on unchanged inputs does nothing.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from jaxtune import cli
+
+
+def prepare(config, out: str, workers: int = 0, progress: bool = True) -> dict:
+    """Prepare ``config.data`` into ``out``; returns the index."""
+    from jaxtune.config import validate
+    from jaxtune.data.prepare import Prepare
+    from jaxtune.train import load_tokenizer
+
+    validate(config, None)
+    tokenizer = load_tokenizer(config)
+    return Prepare(config.data, tokenizer, out, config.train.seed, workers).run(progress)
+
+
+def main(argv=None) -> int:
+    p = cli.parser("prepare", __doc__)
+    p.add_argument("--config", required=True, metavar="configs/X.py[:arg]", help="the run's config file")
+    p.add_argument("--out", required=True, help="the folder of the shards and index.json")
+    p.add_argument(
+        "--workers", type=int, default=0, help="tokenizer processes (default: data.workers or one per core)"
+    )
+    return cli.main(
+        p,
+        lambda args: prepare(args.config, args.out, args.workers),
+        argv,
+        with_config=True,
+        compilation_cache=False,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
