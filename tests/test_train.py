@@ -749,3 +749,36 @@ def test_batches_cut_to_their_longest_row_train_like_full_rows(tmp_path, caplog)
     assert len(lengths) > 1 and all(n % 8 == 0 and n <= 32 for n in lengths), lengths
     compiled = [r.getMessage() for r in caplog.records if "train step compiled" in r.getMessage()]
     assert sorted(int(m.split("rows of ")[1].split()[0]) for m in compiled) == sorted(lengths)
+
+
+def test_prepared_shards_train_like_memory_and_streaming_resumes_exactly(text_file, tmp_path):
+    """A run from prepared shards sees the in-memory run's rows in its order (equal losses, eval
+    included); streaming runs resume with the batches an uninterrupted one sees."""
+    from jaxtune.prepare import prepare
+
+    config = tiny_config(text_file, **{"train.max_steps": 6, "eval.every_steps": 3})
+    train.run(config, str(tmp_path / "memory"))
+    index = prepare(config, str(tmp_path / "rows"), workers=1, progress=False)
+    assert index["eval"]["rows"] > 0
+    prepared = tiny_config(
+        text_file,
+        **{"train.max_steps": 6, "eval.every_steps": 3, "data.train": f"prepared:{tmp_path / 'rows'}"},
+    )
+    prepared.data.eval_fraction = 0.0
+    train.run(prepared, str(tmp_path / "prepared"))
+    assert losses(tmp_path / "prepared") == losses(tmp_path / "memory")
+    assert metrics(tmp_path / "prepared", "eval") == metrics(tmp_path / "memory", "eval")
+    streaming = tiny_config(
+        text_file,
+        **{
+            "train.max_steps": 8,
+            "checkpoint.every_steps": 3,
+            "data.streaming": True,
+            "data.eval_fraction": 0.0,
+        },
+    )
+    train.run(streaming, str(tmp_path / "straight"))
+    assert train.run(streaming, str(tmp_path / "resumed"), stop_after=5)["step"] == 5
+    train.run(streaming, str(tmp_path / "resumed"))
+    straight, resumed = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
+    assert sorted(resumed) == list(range(1, 9)) and resumed == straight

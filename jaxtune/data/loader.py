@@ -38,7 +38,7 @@ class Batches:
         threads: int = 2,
         pad_to_multiple_of: int = 0,
     ):
-        parts = [parts] if isinstance(parts, dict) else list(parts)
+        parts = list(parts) if isinstance(parts, list | tuple) else [parts]
         sizes = [size(p) for p in parts]
         n = sum(sizes)
         self.steps_per_epoch = n // batch_size

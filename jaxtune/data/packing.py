@@ -118,10 +118,12 @@ class TextCutter:
         self.end = np.asarray([eos] if eos is not None else [], np.int32)
         self.buffer = np.zeros(0, np.int32)
         self.cut = 0  # rows cut so far
+        self.fed = False  # a document came in (no document: no row)
 
     def add(self, ids) -> list[np.ndarray]:
         """Append one document; returns the full rows it completed."""
         stream = np.concatenate([self.buffer, np.asarray(ids, np.int32), self.end])
+        self.fed = True
         width, rows, at = self.seq_len + 1, [], 0
         while len(stream) - at >= width:  # a row starting at ``at`` is complete
             rows.append(stream[at : at + width])
@@ -135,16 +137,17 @@ class TextCutter:
         at least two (one would be an input with no target), or whatever is left when no row was cut
         yet (a stream of one token still makes a row, as before)."""
         left, self.buffer = self.buffer, np.zeros(0, np.int32)
-        if len(left) < 2 and self.cut:
+        if (len(left) < 2 and self.cut) or not self.fed:
             return []
         self.cut += 1
         return [left]
 
     def state(self) -> dict[str, np.ndarray]:
-        return {"buffer": self.buffer, "cut": np.asarray(self.cut, np.int64)}
+        return {"buffer": self.buffer, "cut": np.asarray(self.cut, np.int64), "fed": np.asarray(self.fed)}
 
     def restore(self, state: dict) -> None:
         self.buffer, self.cut = np.asarray(state["buffer"], np.int32), int(state["cut"])
+        self.fed = bool(state["fed"])
 
 
 def cut_rows(rows: list[np.ndarray], seq_len: int) -> dict[str, np.ndarray]:

@@ -271,7 +271,8 @@ class Prepare:
         base = self.records - read
         limit = 0 if is_eval else c.max_train_records
         records = itertools.islice(self._records(group, limit), read, None)
-        results = self.tokenizers.map(self._jobs(records, held, seen, read, kept))
+        # As in memory: data.dedupe applies to the training records (data.eval is read as it is).
+        results = self.tokenizers.map(self._jobs(records, held, seen, read, kept, c.dedupe and not is_eval))
         for (train_out, held_out), position in results:
             read, kept = position
             for items, truncated, dropped in (train_out, held_out):
@@ -299,15 +300,15 @@ class Prepare:
             self.parts.append(Part(self.out, f"train{len(self.parts)}", self._builder()))
         return self.parts[g]
 
-    def _jobs(self, records, held, seen, read: int, kept: int):
+    def _jobs(self, records, held, seen, read: int, kept: int, dedupe: bool):
         """Chunks of records as (train records, held-out records) jobs tagged with the (read, kept)
-        counts after them; repeated records dropped with ``data.dedupe``."""
+        counts after them; repeated records dropped with ``dedupe``."""
         c = self.c
         for chunk in chunks(records, c):
             train, out = [], []
             for record in chunk:
                 read += 1
-                if c.dedupe:
+                if dedupe:
                     d = _digest(record[0])
                     if d in seen:
                         continue

@@ -84,6 +84,10 @@ READERS = {}  # extension -> reader, filled below
 def iterate(source: str, split: str = "train", data_dir: str = ""):
     """:func:`read` one record at a time: a JSONL, CSV or TSV file, a TFDS split or a Hugging Face
     dataset is never held whole (the other formats are one document each, or parsed whole)."""
+    if source.startswith("prepared:"):
+        raise DataError(
+            f"{source}: prepared rows are read by training from data.train alone; name the raw sources here"
+        )
     if source.startswith("tfds:"):
         records = _tfds(source[5:], split, data_dir)
     elif source.startswith("hf:"):

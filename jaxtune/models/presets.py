@@ -25,6 +25,22 @@ PRESETS = {
         tie_word_embeddings=False,
         initializer_range=0.02,
     ),
+    # About 16M parameters with SmolLM2's 49,152-token vocabulary (tied): configs/pretrain_scratch.py
+    # trains it from scratch on a CPU in minutes.
+    "llama-small": dict(
+        model_type="llama",
+        vocab_size=49152,
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+        initializer_range=0.02,
+    ),
     "smollm2-135m": dict(
         model_type="llama",
         vocab_size=49152,
