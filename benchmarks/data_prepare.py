@@ -150,12 +150,13 @@ def measure(megabytes: int, workers: int, steps: int, work: str) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="50,500", help="corpus sizes in MB, comma-separated")
-    p.add_argument("--workers", type=int, default=0, help="tokenizer processes (0: one per core)")
+    p.add_argument("--workers", type=int, default=0, help="tokenizer processes (0: cores - 1; 1: in process)")
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--json", default="")
     args = p.parse_args()
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line), "?")
-    print(f"{platform.node()}: {cpu}, {os.cpu_count()} cores; workers={args.workers or os.cpu_count()}")
+    workers = args.workers or max(1, os.cpu_count() - 1)
+    print(f"{platform.node()}: {cpu}, {os.cpu_count()} cores; tokenizer workers={workers}")
     results = []
     with tempfile.TemporaryDirectory() as work:
         for mb in (int(s) for s in args.sizes.split(",")):

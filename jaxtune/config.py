@@ -101,7 +101,7 @@ def defaults() -> ml_collections.ConfigDict:
         # read data.train lazily, tokenize in worker processes and pack as training goes (corpora too big
         # to prepare; needs train.max_steps); each process reads its own share of the files
         streaming=False,
-        workers=0,  # tokenizer processes of jaxtune.prepare and of streaming; 0 = one per CPU core
+        workers=0,  # tokenizer processes of jaxtune.prepare and streaming; 0 = cores - 1 (1: in process)
     )
     c.train = dict(
         batch_size=8,  # global, across all devices and micro-batches

@@ -32,7 +32,10 @@ def main(argv=None) -> int:
     p.add_argument("--config", required=True, metavar="configs/X.py[:arg]", help="the run's config file")
     p.add_argument("--out", required=True, help="the folder of the shards and index.json")
     p.add_argument(
-        "--workers", type=int, default=0, help="tokenizer processes (default: data.workers or one per core)"
+        "--workers",
+        type=int,
+        default=0,
+        help="tokenizer processes (default: data.workers, else cores - 1; 1: in process)",
     )
     return cli.main(
         p,

@@ -65,7 +65,10 @@ class Tokenizers:
 
     def __init__(self, tokenizer, c, workers: int = 0):
         self.tokenizer, self.c = tokenizer, settings(c)
-        self.workers = workers or os.cpu_count() or 1
+        # Default: a core for the reading, cutting and writing process, the others tokenize. With two
+        # cores that is one: in process, where a fast tokenizer's batch call uses both cores itself
+        # (measured faster than two workers for text: benchmarks/README.md).
+        self.workers = workers or max(1, (os.cpu_count() or 1) - 1)
         self.pool = None
         if self.workers > 1:
             ctx = multiprocessing.get_context("spawn")
