@@ -68,13 +68,14 @@ def child(cmd: list[str]) -> tuple[float, float]:
     """Run ``cmd``; (wall seconds, peak RSS in bytes)."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.perf_counter() - start
-    err = proc.stderr.read()
-    if os.waitstatus_to_exitcode(status):
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{err[-3000:]}")
+    with tempfile.TemporaryFile("w+") as log:  # a file, not a pipe: the progress bar would fill a pipe
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - start
+        if os.waitstatus_to_exitcode(status):
+            log.seek(0)
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{log.read()[-3000:]}")
     return seconds, usage.ru_maxrss * 1024.0
 
 

@@ -16,7 +16,7 @@ import sys
 from jaxtune import cli
 
 
-def prepare(config, out: str, workers: int = 0, progress: bool = True) -> dict:
+def prepare(config, out: str, workers: int = 0, progress: bool = True, rows_per_shard: int = 0) -> dict:
     """Prepare ``config.data`` into ``out``; returns the index."""
     from jaxtune.config import validate
     from jaxtune.data.prepare import Prepare
@@ -24,7 +24,7 @@ def prepare(config, out: str, workers: int = 0, progress: bool = True) -> dict:
 
     validate(config, None)
     tokenizer = load_tokenizer(config)
-    return Prepare(config.data, tokenizer, out, config.train.seed, workers).run(progress)
+    return Prepare(config.data, tokenizer, out, config.train.seed, workers, rows_per_shard).run(progress)
 
 
 def main(argv=None) -> int:
@@ -37,9 +37,15 @@ def main(argv=None) -> int:
         default=0,
         help="tokenizer processes (default: data.workers, else cores - 1; 1: in process)",
     )
+    p.add_argument(
+        "--rows_per_shard",
+        type=int,
+        default=0,
+        help="rows a shard holds at least (default: about 64 MB of rows)",
+    )
     return cli.main(
         p,
-        lambda args: prepare(args.config, args.out, args.workers),
+        lambda args: prepare(args.config, args.out, args.workers, rows_per_shard=args.rows_per_shard),
         argv,
         with_config=True,
         compilation_cache=False,

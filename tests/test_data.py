@@ -245,6 +245,9 @@ def test_tfds_dataset_built_in_the_test_reads_without_tensorflow(tmp_path):
     assert data.to_batch(train)["loss_mask"].sum() == total - 1  # every token after the first is a target
     with pytest.raises(sources.DataError, match="tfds:nope"):
         sources.read("tfds:nope", data_dir=str(tmp_path))
+    # The cache key and a prepare's index see the version and the prepared files, not just the name.
+    version, files = sources.fingerprint("tfds:tiny_text", "train", str(tmp_path))[2:]
+    assert version == "1.0.0" and any(name.endswith(".array_record-00000-of-00001") for name, _, _ in files)
 
 
 def test_text_rows_cover_every_token_once():

@@ -2,6 +2,7 @@
 JAX runtime (gloo collectives, the coordinator on 127.0.0.1), train with FSDP over all 8 devices, and
 save one checkpoint together; it resumes on 1 process x 8 devices and 1 x 2."""
 
+import json
 import math
 import os
 import shutil
@@ -262,3 +263,30 @@ def test_which_environments_start_a_multi_process_runtime(monkeypatch):
     with pytest.raises(UsageError, match="--process_id 2 is not in 0 .. 1"):
         distributed.initialize("127.0.0.1:1234", 2, 2)
     assert distributed.initialize("127.0.0.1:1234", 1, 0) is False  # one process: nothing to join
+
+
+def test_two_processes_stream_their_own_files_and_resume_exactly(tmp_path):
+    """data.streaming on 2 processes: each reads its own file, both positions go into the checkpoint,
+    and a resumed pair continues with the losses of a pair that never stopped."""
+    from runs import TEXT
+
+    lines = TEXT.splitlines(keepends=True)
+    for i in range(2):
+        (tmp_path / f"part{i}.txt").write_text("".join(lines[i::2]))
+    common = [
+        f"--config.data.train={tmp_path / 'part*.txt'}",
+        "--config.data.streaming=True",
+        "--config.data.eval_fraction=0.0",
+        "--config.optimizer.schedule=constant",
+        "--config.checkpoint.every_steps=3",
+        "--config.checkpoint.async_save=False",
+    ]
+    _finish(_launch(tmp_path / "straight", [*common, "--config.train.max_steps=6"]))
+    _finish(_launch(tmp_path / "resumed", [*common, "--config.train.max_steps=3"]))
+    _finish(_launch(tmp_path / "resumed", [*common, "--config.train.max_steps=6"]))
+    straight, resumed = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
+    assert sorted(resumed) == list(range(1, 7)) and resumed == straight
+    with open(tmp_path / "straight" / "checkpoints" / "6" / "meta" / "metadata") as f:
+        meta = json.load(f)  # Orbax's JSON item, as written
+    positions = [p["at"] for p in meta["data"]["processes"]]
+    assert len(positions) == 2 and positions[0] != positions[1]

@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -315,3 +316,32 @@ def test_rebuilt_hugging_face_dataset_gets_a_new_cache_key(tmp_path, bytes_token
     os.rename(saved, saved + "-old")
     os.rename(saved + "2", saved)
     assert data._cache_key(c, bytes_tokenizer, 0, None) != first
+
+
+def test_a_prepare_killed_mid_run_resumes_to_the_same_index(tmp_path):
+    """The real command, SIGKILLed once a few shards are on disk, then run again: the same shards and
+    index as a run that was never stopped."""
+    files = write_texts(tmp_path / "src", 4, 2000)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def command(out):
+        return [
+            sys.executable, "-m", "jaxtune.prepare", "--config", os.path.join(root, "configs", "smoke.py"),
+            "--out", str(out), "--rows_per_shard=500", "--workers=1",
+            f"--config.data.train={files}", "--config.data.seq_len=64",
+        ]  # fmt: skip
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    subprocess.run(command(tmp_path / "whole"), env=env, check=True, capture_output=True)
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(command(out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while len(list(out.glob("train0-*.arrayrecord"))) < 3 and proc.poll() is None:
+        time.sleep(0.01)
+    proc.kill()
+    proc.wait()
+    assert not (out / shards.INDEX).exists(), "the prepare finished before it could be killed"
+    subprocess.run(command(out), env=env, check=True, capture_output=True)
+    whole = json.loads((tmp_path / "whole" / shards.INDEX).read_text())
+    assert json.loads((out / shards.INDEX).read_text()) == whole and len(whole["parts"][0]["shards"]) > 5
+    for shard in whole["parts"][0]["shards"] + whole["eval"]["shards"]:
+        assert (out / shard["file"]).read_bytes() == (tmp_path / "whole" / shard["file"]).read_bytes()
