@@ -41,7 +41,7 @@ def main(argv=None) -> int:
         "--rows_per_shard",
         type=int,
         default=0,
-        help="rows a shard holds at least (default: about 64 MB of rows)",
+        help="rows a shard holds (the last of each part fewer; default: about 64 MB of rows)",
     )
     return cli.main(
         p,

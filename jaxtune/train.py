@@ -23,7 +23,7 @@ from jaxtune import checkpoint, cli, data, evaluators, finish, mfu, optim, pretr
 from jaxtune.best import BestTracker
 from jaxtune.config import validate
 from jaxtune.data.loader import Batches
-from jaxtune.data.stream import StreamBatches
+from jaxtune.data.stream import StreamBatches, reader_of
 from jaxtune.errors import ConfigError, TrainingError
 from jaxtune.logical import activation_sharding
 from jaxtune.meter import NonFiniteLoss, StepMeter
@@ -91,8 +91,10 @@ class Run:
         mine = sharding.process_rows(sharding.batch_sharding(mesh, mesh_rules(config)), c.batch_size)
         if config.data.streaming:
             self.eval_rows = data.load_eval(config.data, self.tokenizer, self.labels)
+            processes = (pid, jax.process_count())
+            reader = reader_of(mine, processes)  # processes that feed the same rows read alike
             self.batches = StreamBatches(
-                config.data, self.tokenizer, c.batch_size, c.seed, mine, (pid, jax.process_count())
+                config.data, self.tokenizer, c.batch_size, c.seed, mine, reader, processes
             )
             types = False
         else:

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 class Lock:
     """``with Lock(workdir):`` holds the workdir for the block, or raises WorkdirBusy naming the holder."""
 
-    def __init__(self, workdir: str, enabled: bool = True):
+    def __init__(self, workdir: str, enabled: bool = True, flag: str = "--workdir"):
         if "://" in workdir:
             # Orbax could write there, but the metrics, config, lock and export are plain files.
             raise UsageError(
@@ -33,7 +33,7 @@ class Lock:
                 "and pass the mounted path"
             )
         self.path = os.path.join(os.path.abspath(workdir), LOCK_NAME)
-        self.enabled = enabled
+        self.enabled, self.flag = enabled, flag
         self._fd = None
 
     def __enter__(self):
@@ -54,7 +54,7 @@ class Lock:
             os.close(fd)
             raise WorkdirBusy(
                 f"{os.path.dirname(self.path)} is in use by another run ({holder}); wait for it to end or "
-                "stop it, or pass another --workdir"
+                f"stop it, or pass another {self.flag}"
             ) from None
         os.ftruncate(fd, 0)
         record = {

@@ -17,7 +17,7 @@ import pytest
 import jaxtune
 from jaxtune import assets, data, pretrained
 from jaxtune.config import defaults
-from jaxtune.data import prepare, shards, tokenize
+from jaxtune.data import prepare, shards, workers
 from jaxtune.data.loader import Batches
 from jaxtune.data.packing import Packer, pack
 from jaxtune.data.stream import StreamBatches
@@ -33,15 +33,20 @@ def data_config(**changes):
     return c
 
 
-def write_texts(folder, n_files: int, docs: int, seed: int = 0) -> str:
-    """JSONL files of generated documents; returns their glob."""
+def write_texts(folder, n_files: int, docs: int, seed: int = 0, repeats: int = 0) -> str:
+    """JSONL files of generated documents (with ``repeats``, every such-th one a copy of an earlier
+    one); returns their glob."""
     rng = np.random.default_rng(seed)
     os.makedirs(folder, exist_ok=True)
     for f in range(n_files):
         with open(os.path.join(folder, f"part{f}.jsonl"), "w") as out:
+            lines = []
             for d in range(docs):
                 words = rng.choice(WORDS, int(rng.integers(3, 60)))
-                out.write(json.dumps({"text": f"file {f} doc {d}: " + " ".join(words)}) + "\n")
+                lines.append(json.dumps({"text": f"file {f} doc {d}: " + " ".join(words)}) + "\n")
+                if repeats and d % repeats == repeats - 1:
+                    lines[-1] = lines[int(rng.integers(0, d))]
+            out.writelines(lines)
     return os.path.join(folder, "*.jsonl")
 
 
@@ -71,7 +76,7 @@ def load_both(c, tokenizer, out, workers=1, shard_rows=0):
 
 
 def test_prepared_text_rows_equal_the_in_memory_rows(tmp_path, bytes_tokenizer, monkeypatch):
-    monkeypatch.setattr(tokenize, "CHUNK_RECORDS", 8)
+    monkeypatch.setattr(workers, "CHUNK_RECORDS", 8)
     files = write_texts(tmp_path / "src", 3, 40)
     c = data_config(train=files, seq_len=32, eval_fraction=0.1, dedupe=True, max_train_records=100)
     index, (mem, mem_eval), (parts, held) = load_both(c, bytes_tokenizer, tmp_path / "out", shard_rows=20)
@@ -83,6 +88,11 @@ def test_prepared_text_rows_equal_the_in_memory_rows(tmp_path, bytes_tokenizer, 
     single = data_config(train=os.path.join(tmp_path / "src", "part0.jsonl"), seq_len=32, eval_fraction=0.2)
     single.max_train_records = 1
     _, (mem, mem_eval), (parts, held) = load_both(single, bytes_tokenizer, tmp_path / "one")
+    same_rows(mem[0], parts[0])
+    same_rows(mem_eval, held)
+    # data.eval given: the held-out records are left out of training and eval is data.eval's alone.
+    c.eval = os.path.join(tmp_path / "src", "part2.jsonl")
+    _, (mem, mem_eval), (parts, held) = load_both(c, bytes_tokenizer, tmp_path / "with_eval")
     same_rows(mem[0], parts[0])
     same_rows(mem_eval, held)
 
@@ -109,11 +119,17 @@ def test_prepared_chat_rows_equal_the_in_memory_rows_with_worker_processes(tmp_p
     assert data.to_batch(data.take(parts[0], [0, 1]))["loss_mask"].sum() > 0
 
 
-def test_an_interrupted_prepare_resumes_to_the_same_index(tmp_path, bytes_tokenizer, monkeypatch):
-    files = write_texts(tmp_path / "src", 2, 150)
-    c = data_config(train=files, seq_len=24, eval_fraction=0.05)
-    monkeypatch.setattr(tokenize, "CHUNK_RECORDS", 16)
-    whole = prepare.Prepare(c, bytes_tokenizer, str(tmp_path / "whole"), 0, 1, 40).run(progress_bar=False)
+@pytest.mark.parametrize("processes", [1, 2])
+def test_an_interrupted_prepare_resumes_to_the_same_index(processes, tmp_path, bytes_tokenizer, monkeypatch):
+    """Killed between shards (with repeated records dropped, and, with two tokenizer processes, chunks
+    in flight past the checkpoint): the resumed prepare ends with the shards, the index and the rows
+    of an uninterrupted one, which are the in-memory rows."""
+    files = write_texts(tmp_path / "src", 2, 150, repeats=5)
+    c = data_config(train=files, seq_len=24, eval_fraction=0.05, dedupe=True)
+    monkeypatch.setattr(workers, "CHUNK_RECORDS", 16)
+    prepare_ = lambda out: prepare.Prepare(c, bytes_tokenizer, str(out), 0, processes, 40)  # noqa: E731
+    whole = prepare_(tmp_path / "whole").run(progress_bar=False)
+    assert whole["records"] == 300
     write = shards.write_shard
     written = []
 
@@ -126,21 +142,28 @@ def test_an_interrupted_prepare_resumes_to_the_same_index(tmp_path, bytes_tokeni
     monkeypatch.setattr(shards, "write_shard", killed_after_five)
     out = tmp_path / "resumed"
     with pytest.raises(KeyboardInterrupt):
-        prepare.Prepare(c, bytes_tokenizer, str(out), 0, 1, 40).run(progress_bar=False)
+        prepare_(out).run(progress_bar=False)
     assert (out / prepare.PROGRESS).exists() and not (out / shards.INDEX).exists()
+    assert list(out.glob("seen-*.npy"))  # the dedupe digests of the records before the checkpoint
     (out / "train0-00099.arrayrecord.tmp").write_bytes(b"half a shard")  # a write cut short
     monkeypatch.setattr(shards, "write_shard", write)
-    resumed = prepare.Prepare(c, bytes_tokenizer, str(out), 0, 1, 40).run(progress_bar=False)
+    resumed = prepare_(out).run(progress_bar=False)
     assert resumed == whole
+    (memory,), memory_eval = data.load(c, bytes_tokenizer, 0)
+    c_prepared = data_config(train=f"prepared:{out}", seq_len=24)
+    (rows,), held = data.load(c_prepared, bytes_tokenizer, 0)
+    same_rows(memory, rows)
+    same_rows(memory_eval, held)
     for name in (tmp_path / "whole").iterdir():
-        assert (out / name.name).read_bytes() == name.read_bytes(), name.name
+        if name.name != ".lock":  # who held the folder, and when
+            assert (out / name.name).read_bytes() == name.read_bytes(), name.name
     assert sorted(os.listdir(out)) == sorted(os.listdir(tmp_path / "whole"))
 
     def no_work(*a, **k):
         raise AssertionError("a finished prepare tokenized again")
 
     monkeypatch.setattr(prepare, "Tokenizers", no_work)
-    assert prepare.Prepare(c, bytes_tokenizer, str(out), 0, 1, 40).run(progress_bar=False) == whole
+    assert prepare_(out).run(progress_bar=False) == whole
 
 
 def _prepared(tmp_path, tokenizer, docs=200):
@@ -188,14 +211,38 @@ def test_streaming_resumes_exactly_and_processes_read_their_own_files(tmp_path, 
     resumed.restore(state)
     for i in range(17, 40):
         np.testing.assert_array_equal(next(resumed)["input_ids"], want[i])
+    # One long document (a .txt file is one record): the state stays about a batch, not the file.
+    (tmp_path / "book.txt").write_text(" ".join(WORDS * 2000))
+    book = StreamBatches(
+        data_config(train=str(tmp_path / "book.txt"), seq_len=32, streaming=True), bytes_tokenizer, 4, 1
+    )
+    for _ in range(5):
+        next(book)
+    assert len(json.dumps(book.state())) < 4 * 33 * 3 * 6  # pending rows < one batch of 3 arrays
+    again = StreamBatches(
+        data_config(train=str(tmp_path / "book.txt"), seq_len=32, streaming=True), bytes_tokenizer, 4, 1
+    )
+    again.restore(json.loads(json.dumps(book.state())))
+    np.testing.assert_array_equal(next(again)["input_ids"], next(book)["input_ids"])
     # Two processes: disjoint files, and together every file's documents.
     texts = []
     for p in range(2):
-        stream = StreamBatches(c, bytes_tokenizer, 4, seed=1, process=(p, 2), workers=1)
+        stream = StreamBatches(c, bytes_tokenizer, 4, seed=1, reader=(p, 2), workers=1)
         ids = np.concatenate([next(stream)["input_ids"].reshape(-1) for _ in range(60)])
         texts.append(bytes(ids[ids < 256].astype(np.uint8)).decode(errors="replace"))
     got = [{tuple(map(int, m)) for m in re.findall(r"file (\d) doc (\d+):", t)} for t in texts]
     assert got == [{(f, d) for f in files for d in range(12)} for files in ((0, 2), (1, 3))]
+    # Resuming on other files, or from a state that is not a stream's: one line each.
+    (tmp_path / "src" / "part0.jsonl").write_text('{"text": "changed"}\n')
+    with pytest.raises(DataError, match=r"the files of data.train changed since the checkpoint"):
+        StreamBatches(c, bytes_tokenizer, 4, seed=1, workers=1).restore(state)
+    with pytest.raises(DataError, match=r"not a stream's"):
+        StreamBatches(c, bytes_tokenizer, 4, seed=1, workers=1).restore(Batches(_rows_of(8), 4, 0).state())
+
+
+def _rows_of(n: int) -> dict:
+    tokens = np.arange(n * 9).reshape(n, 9).astype(np.int32)
+    return {"tokens": tokens, "mask": np.ones_like(tokens, np.int8), "loss": np.ones_like(tokens, np.int8)}
 
 
 def test_streaming_packed_chat_resumes_exactly(tmp_path, smol_tokenizer):
@@ -297,6 +344,10 @@ def test_bad_prepared_data_is_one_line_naming_the_file(tmp_path, bytes_tokenizer
     with pytest.raises(DataError, match=rf"{shard}.*corrupt shard"):
         (part,), _ = data.load(c, bytes_tokenizer, 0)
         data.take(part, np.arange(data.size(part)))
+    long_chats = data_config(train=os.path.join(assets.chatterbot_corpus(), "ai.yml"), format="chat")
+    long_chats.seq_len, long_chats.too_long = 8, "drop"
+    with pytest.raises(DataError, match=r"every example was dropped as too long; raise data.seq_len"):
+        prepare.Prepare(long_chats, smol_tokenizer, str(tmp_path / "long"), 0, 1).run(progress_bar=False)
     (tmp_path / "empty.jsonl").write_text("\n")
     empty = data_config(train=str(tmp_path / "empty.jsonl"), seq_len=16)
     with pytest.raises(DataError, match=r"empty.jsonl: holds no records"):

@@ -285,7 +285,7 @@ def load(c, tokenizer, seed: int, labels=None) -> tuple[list[dict], dict | None]
     """
     if c.train.startswith("prepared:"):
         return load_prepared(c, tokenizer, labels)
-    if not c.cache_dir:
+    if not c.cache_dir or c.eval.startswith("prepared:"):  # prepared rows are on disk already
         return _load(c, tokenizer, seed, labels)
     path = os.path.join(c.cache_dir, f"rows-{_cache_key(c, tokenizer, seed, labels)}.npz")
     if os.path.exists(path):
@@ -325,7 +325,7 @@ def _load(c, tokenizer, seed: int, labels=None) -> tuple[list[dict], dict | None
         parts.append(train_rows)
         held += [held_rows] if held_rows is not None else []
     if c.eval:
-        return parts, rows(records(c.eval, "data.eval", c.eval_split, c.data_dir), tokenizer, c, labels)
+        return parts, load_eval(c, tokenizer, labels)
     return parts, concat(held) if held else None
 
 
@@ -349,6 +349,13 @@ def load_prepared(c, tokenizer, labels=None):
         shards.check(index, folder, c, fp, template)
         folders.append((folder, index))
     groups = [(f, i, p) for f, i in folders for p in i["parts"]]
+    if not c.weights and any(i["weights"] for _, i in folders):
+        log.info(
+            "%s was prepared with data.weights (rows cut per source); without weights its %d parts train "
+            "as one pool",
+            c.train,
+            len(groups),
+        )
     if c.weights and len(c.weights) != len(groups):
         raise DataError(
             f"data.weights has {len(c.weights)} weights but the prepared data {c.train!r} has {len(groups)} "

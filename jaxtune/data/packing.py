@@ -163,11 +163,11 @@ class RowBuilder:
     def __init__(self, c, eos: int | None):
         self.seq_len = c.seq_len
         self.kind = "text" if c.format == "text" else "packed" if c.packing else "padded"
-        self.part = {
-            "text": lambda: TextCutter(c.seq_len, eos),
-            "packed": lambda: Packer(c.seq_len, c.pack_window),
-        }
-        self.part = self.part[self.kind]() if self.kind in self.part else None
+        self.part = None  # what carries state between examples: a cutter, a packer, or nothing
+        if self.kind == "text":
+            self.part = TextCutter(c.seq_len, eos)
+        elif self.kind == "packed":
+            self.part = Packer(c.seq_len, c.pack_window)
 
     def add(self, item) -> list:
         if self.kind == "padded":

@@ -54,10 +54,13 @@ def read_index(folder: str) -> dict:
         with open(path, encoding="utf-8") as f:
             index = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: not a valid index ({e}); run python -m jaxtune.prepare again") from e
+        raise DataError(
+            f"{path}: not a valid index ({e}); delete {folder} and run python -m jaxtune.prepare again"
+        ) from e
     if index.get("version") != VERSION:
         raise DataError(
-            f"{path}: index version {index.get('version')!r}, this jaxtune reads {VERSION}; prepare again"
+            f"{path}: index version {index.get('version')!r}, this jaxtune reads {VERSION}; delete {folder} "
+            "and prepare it again"
         )
     return index
 
@@ -141,6 +144,8 @@ class PreparedRows:
     def take(self, index) -> dict[str, np.ndarray]:
         """The rows at ``index`` (global row numbers), stacked."""
         index = [int(i) for i in np.asarray(index, np.int64).reshape(-1)]
+        if index and not 0 <= min(index) <= max(index) < len(self):
+            raise IndexError(f"rows {min(index)}..{max(index)} of {len(self)}")
         try:
             blobs = self.source.__getitems__(index)
         except Exception as e:  # a damaged chunk: riegeli's checksum or a short read

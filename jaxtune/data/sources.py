@@ -43,6 +43,10 @@ def fingerprint(source: str, split: str = "train", data_dir: str = "") -> list:
     time; a TFDS dataset's version and the size and time of its prepared files; a Hugging Face
     dataset's fingerprint (``datasets`` hashes its content and history). A rebuilt dataset of the same
     name so gets a new fingerprint."""
+    if source.startswith("prepared:"):  # its index names everything its rows depend on
+        index = os.path.join(os.path.expanduser(source[len("prepared:") :]), "index.json")
+        stat = os.stat(index) if os.path.exists(index) else None
+        return [source, stat and stat.st_size, stat and stat.st_mtime_ns]
     if source.startswith("tfds:"):
         return [source, split, *_tfds_version(source[5:], data_dir)]
     if source.startswith("hf:"):
