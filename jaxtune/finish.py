@@ -40,8 +40,11 @@ def load_best(config, ckpt, step: int, state: dict, frozen: dict, abstract: dict
     return dict(state, params=items["params"]), items["frozen"], top[0]
 
 
-def samples_and_export(config, workdir: str, graphdef, params, frozen, tokenizer) -> None:
-    """Sample answers and the Hugging Face export, as the config asks."""
+def samples_and_export(
+    config, workdir: str, graphdef, params, frozen, tokenizer, mesh=None, rules=()
+) -> None:
+    """Sample answers and the Hugging Face export, as the config asks; the samples are generated on
+    the run's ``mesh`` (the KV cache sharded under its ``rules``, as the activations were)."""
     if not (config.sample.prompts or config.export.at_end):
         return
     model = nnx.merge(graphdef, optim.merge(params, frozen))
@@ -51,7 +54,8 @@ def samples_and_export(config, workdir: str, graphdef, params, frozen, tokenizer
         chat = getattr(tokenizer, "chat_template", None) is not None
         prompts = list(config.sample.prompts)
         # Every process generates (the model spans them all); the prompts go through together.
-        answers = Generator(model, tokenizer).complete(prompts, config.sample.max_new_tokens, chat=chat)
+        generator = Generator(model, tokenizer, mesh, rules)
+        answers = generator.complete(prompts, config.sample.max_new_tokens, chat=chat)
         rows = [{"prompt": p, "answer": a.text} for p, a in zip(prompts, answers, strict=True)]
         if jax.process_index() == 0:
             with open(os.path.join(workdir, "samples.jsonl"), "w") as f:

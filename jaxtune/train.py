@@ -200,6 +200,8 @@ class Run:
                 self.state["params"],
                 self.frozen,
                 self.tokenizer,
+                self.plan.mesh,
+                self.plan.rules,
             )
         return summary
 
