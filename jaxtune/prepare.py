@@ -14,6 +14,7 @@ from __future__ import annotations
 import sys
 
 from jaxtune import cli
+from jaxtune.errors import UsageError
 
 
 def prepare(config, out: str, workers: int = 0, progress: bool = True, rows_per_shard: int = 0) -> dict:
@@ -22,6 +23,9 @@ def prepare(config, out: str, workers: int = 0, progress: bool = True, rows_per_
     from jaxtune.data.prepare import Prepare
     from jaxtune.train import load_tokenizer
 
+    for flag, value in (("--workers", workers), ("--rows_per_shard", rows_per_shard)):
+        if value < 0:
+            raise UsageError(f"python -m jaxtune.prepare: {flag} {value} must be >= 0 (0: the default)")
     validate(config, None)
     tokenizer = load_tokenizer(config)
     return Prepare(config.data, tokenizer, out, config.train.seed, workers, rows_per_shard).run(progress)

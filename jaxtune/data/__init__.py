@@ -53,13 +53,19 @@ def train_groups(c) -> list[list[tuple[dict, str]]]:
     return [_dedupe(recs, c) for recs in out] if c.dedupe else out
 
 
+def record_key(record: dict, c) -> str:
+    """What makes two records equal for ``data.dedupe``: the whole record (for classification, its
+    texts alone)."""
+    fields = (c.text_field, c.text_pair_field) if c.format == "classification" else None
+    return json.dumps([record.get(f) for f in fields] if fields else record, sort_keys=True, default=str)
+
+
 def _dedupe(recs, c):
     """The first of each set of equal records (for classification: equal texts, whatever their labels),
     before any held-out split, so no text is both trained and evaluated on; the count goes to the log."""
-    fields = (c.text_field, c.text_pair_field) if c.format == "classification" else None
     seen, out = set(), []
     for record, origin in recs:
-        key = json.dumps([record.get(f) for f in fields] if fields else record, sort_keys=True, default=str)
+        key = record_key(record, c)
         if key not in seen:
             seen.add(key)
             out.append((record, origin))
@@ -231,22 +237,24 @@ def size(rows) -> int:
     return len(next(iter(rows.values()))) if isinstance(rows, dict) else len(rows)
 
 
+def held_out(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted (kept, held-out) indices of ``n`` items: a seeded ``fraction`` of them (at least one)
+    held out. ``jaxtune.prepare`` holds out the same ones."""
+    order = np.random.default_rng(seed).permutation(n)
+    held = max(1, int(round(n * fraction)))
+    return np.sort(order[held:]), np.sort(order[:held])
+
+
 def _held_out(recs, tokenizer, c, seed: int, labels=None) -> tuple[dict, dict | None]:
     """(train rows, held-out rows) of one source's records, holding out ``c.eval_fraction`` of the
     records (of the rows, for a single text document)."""
     if not c.eval_fraction:
         return rows(recs, tokenizer, c, labels), None
-
-    def split(n):  # sorted (kept, held-out) indices of n items
-        order = np.random.default_rng(seed).permutation(n)
-        held = max(1, int(round(n * c.eval_fraction)))
-        return np.sort(order[held:]), np.sort(order[:held])
-
     if c.format == "text" and len(recs) < 2:
         all_rows = rows(recs, tokenizer, c)
-        kept, held = split(size(all_rows))
+        kept, held = held_out(size(all_rows), c.eval_fraction, seed)
         return take(all_rows, kept), take(all_rows, held)
-    kept, held = split(len(recs))
+    kept, held = held_out(len(recs), c.eval_fraction, seed)
     return rows([recs[i] for i in kept], tokenizer, c, labels), rows(
         [recs[i] for i in held], tokenizer, c, labels
     )
@@ -341,13 +349,7 @@ def load_prepared(c, tokenizer, labels=None):
         raise DataError(
             f"config key data.train = {c.train!r} mixes prepared:DIR with raw sources; prepare them together"
         )
-    fp, template = tokenizer_fingerprint(tokenizer), getattr(tokenizer, "chat_template", None)
-    folders = []
-    for spec in specs:
-        folder = os.path.expanduser(spec[len("prepared:") :])
-        index = shards.read_index(folder)
-        shards.check(index, folder, c, fp, template)
-        folders.append((folder, index))
+    folders = [_open_index(spec, c, tokenizer) for spec in specs]
     groups = [(f, i, p) for f, i in folders for p in i["parts"]]
     if not c.weights and any(i["weights"] for _, i in folders):
         log.info(
@@ -377,8 +379,8 @@ def load_prepared(c, tokenizer, labels=None):
     return parts, shards.open_part(folder, index, index["eval"]) if index["eval"] else None
 
 
-def _prepared_eval(spec: str, c, tokenizer):
-    """The eval rows of a prepared folder (``data.eval = "prepared:DIR"``)."""
+def _open_index(spec: str, c, tokenizer) -> tuple[str, dict]:
+    """(folder, index) of ``prepared:DIR``, checked against the config and the tokenizer."""
     from jaxtune.data import shards
 
     folder = os.path.expanduser(spec[len("prepared:") :])
@@ -386,6 +388,14 @@ def _prepared_eval(spec: str, c, tokenizer):
     shards.check(
         index, folder, c, tokenizer_fingerprint(tokenizer), getattr(tokenizer, "chat_template", None)
     )
+    return folder, index
+
+
+def _prepared_eval(spec: str, c, tokenizer):
+    """The eval rows of a prepared folder (``data.eval = "prepared:DIR"``)."""
+    from jaxtune.data import shards
+
+    folder, index = _open_index(spec, c, tokenizer)
     if not index["eval"]:
         raise DataError(
             f"{folder}: holds no eval rows; prepare it with data.eval or data.eval_fraction, "

@@ -129,8 +129,9 @@ class Part:
         return {"shards": self.shards, "rows": self.rows, "tokens": self.tokens}
 
 
-def _digest(record: dict) -> bytes:
-    return hashlib.blake2b(json.dumps(record, sort_keys=True, default=str).encode(), digest_size=16).digest()
+def _digest(record: dict, c) -> bytes:
+    """16 bytes of the in-memory dedupe's key (:func:`jaxtune.data.record_key`)."""
+    return hashlib.blake2b(data.record_key(record, c).encode(), digest_size=16).digest()
 
 
 class Group:
@@ -242,19 +243,12 @@ class Prepare:
             return Group(sources, is_eval=True)
         if not c.eval_fraction:
             return Group(sources, is_eval=False)
-        seen, n = set(), 0
-        for record, _ in self._records(sources, c.max_train_records):
-            if c.dedupe:
-                d = _digest(record)
-                if d in seen:
-                    continue
-                seen.add(d)
-            n += 1
+        records = (record for record, _ in self._records(sources, c.max_train_records))
+        n = len({_digest(r, c) for r in records}) if c.dedupe else sum(1 for _ in records)
         if c.format == "text" and n < 2:
             return Group(sources, is_eval=False, split_rows=True)  # one document: its rows are split
-        order = np.random.default_rng(self.seed).permutation(n)
         held = np.zeros(n, bool)
-        held[order[: max(1, int(round(n * c.eval_fraction)))]] = True
+        held[data.held_out(n, c.eval_fraction, self.seed)[1]] = True
         return Group(sources, is_eval=False, held=held)
 
     def _group(self, g: int, group: Group, resume: dict | None) -> None:
@@ -318,7 +312,7 @@ class Prepare:
             for record in chunk:
                 read += 1
                 if dedupe:
-                    d = _digest(record[0])
+                    d = _digest(record[0], self.c)
                     if d in seen:
                         continue
                     seen.add(d)
@@ -330,11 +324,10 @@ class Prepare:
     def _split_rows(self, part: Part, held_part: Part | None) -> None:
         """A single text document held out by rows, as the in-memory path does."""
         rows = part.pending
-        order = np.random.default_rng(self.seed).permutation(len(rows))
-        n = max(1, int(round(len(rows) * self.c.eval_fraction)))
+        kept, held = data.held_out(len(rows), self.c.eval_fraction, self.seed)
         if held_part is not None:
-            held_part.pending += [rows[i] for i in np.sort(order[:n])]
-        part.pending = [rows[i] for i in np.sort(order[n:])]
+            held_part.pending += [rows[i] for i in held]
+        part.pending = [rows[i] for i in kept]
 
     def _report(self, group: Group, part: Part, examples: int) -> None:
         """The in-memory path's log line on examples too long for a row, per group (``examples``: the
