@@ -24,6 +24,7 @@ import time
 import jax
 import orbax.checkpoint as ocp
 
+from jaxtune import fs
 from jaxtune.errors import CheckpointError, ModelNotFound, first_line
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ DISK_FULL = "No space left on device"  # how the OS's ENOSPC reads in Orbax's an
 
 
 def directory(workdir: str) -> str:
-    return os.path.join(os.path.abspath(workdir), "checkpoints")
+    return os.path.join(fs.absolute(workdir), "checkpoints")
 
 
 class SavePolicy:
@@ -107,7 +108,7 @@ class Checkpoints:
             on_disk = set(self.best.all_steps())
             kept = [e for e in read_best(self.best_dir).get("kept", ()) if int(e[0]) in on_disk]
             self.ranking = BestRanking(best_keep, best_mode, kept)
-        partial = sorted(n for n in os.listdir(self.dir) if TMP_MARK in n) if os.path.isdir(self.dir) else []
+        partial = sorted(n for n in fs.listdir(self.dir) if TMP_MARK in n) if fs.isdir(self.dir) else []
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True
         )
@@ -221,12 +222,12 @@ class Checkpoints:
     def _set_aside(self, steps) -> None:
         if jax.process_index() == 0:
             aside = os.path.join(os.path.dirname(self.dir), DAMAGED)
-            os.makedirs(aside, exist_ok=True)
+            fs.makedirs(aside)
             for step in steps:
                 target = os.path.join(aside, f"{step}")
-                if os.path.exists(target):
-                    shutil.rmtree(target)
-                shutil.move(os.path.join(self.dir, str(step)), target)
+                if fs.exists(target):
+                    fs.rmtree(target)
+                fs.move(os.path.join(self.dir, str(step)), target)
         self.manager.reload()
 
     def wait(self) -> None:
@@ -255,8 +256,7 @@ def read_best(best_dir: str) -> dict:
     """``best.json`` of a best-checkpoint directory ({} when there is none or it is unreadable)."""
     path = os.path.join(best_dir, BEST_RECORD)
     try:
-        with open(path) as f:
-            record = json.load(f)
+        record = json.loads(fs.read_text(path))
     except FileNotFoundError:
         return {}
     except (OSError, ValueError) as e:
@@ -274,10 +274,7 @@ def write_best(best_dir: str, metric: str, ranking: BestRanking) -> None:
     record = {"metric": metric, "kept": [list(e) for e in ranking.kept]}
     if top is not None:
         record.update(step=top[0], value=top[1])
-    tmp = os.path.join(best_dir, BEST_RECORD + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(record, f)
-    os.replace(tmp, os.path.join(best_dir, BEST_RECORD))
+    fs.write_text(os.path.join(best_dir, BEST_RECORD), json.dumps(record))
 
 
 def _restore(manager, step: int, abstract: dict, meta: bool = False) -> dict:
@@ -358,7 +355,10 @@ class _SkipOrbaxEchoes:
 
 
 def free_bytes(path: str) -> int | None:
-    """Free bytes on the disk of ``path``; None where the OS cannot tell (a remote file system)."""
+    """Free bytes on the disk of ``path``; None where the OS cannot tell (a remote file system, an
+    object store)."""
+    if fs.is_url(path):
+        return None
     try:
         return shutil.disk_usage(path).free
     except OSError:
@@ -412,7 +412,7 @@ def _args(state: dict, frozen: dict, meta: dict):
 def split_path(path: str) -> tuple[str, str | None, int | None]:
     """(workdir, checkpoint directory or None, step or None) for ``WORKDIR``,
     ``WORKDIR/checkpoints/STEP`` or ``WORKDIR/checkpoints_best/STEP``."""
-    path = os.path.abspath(path)
+    path = fs.absolute(path).rstrip("/")
     head, tail = os.path.split(path)
     if tail.isdigit() and os.path.basename(head) in ("checkpoints", "checkpoints_best"):
         return os.path.dirname(head), head, int(tail)
@@ -461,14 +461,14 @@ def restore_model(path: str):
 
     workdir, where, step = split_path(path)
     model_dir = os.path.join(workdir, "model")
-    if not os.path.exists(os.path.join(model_dir, "config.json")):
+    if not fs.exists(os.path.join(model_dir, "config.json")):
         raise ModelNotFound(
             f"{workdir}: not a jaxtune run directory (no model/config.json); pass --workdir's path"
         )
     latest_dir = directory(workdir)
-    if not os.path.isdir(latest_dir):
+    if not fs.isdir(latest_dir):
         raise ModelNotFound(f"{workdir}: has no checkpoints/ directory; the run saved no checkpoint")
-    managers = {d: _read_only(d) for d in (latest_dir, latest_dir + "_best") if os.path.isdir(d)}
+    managers = {d: _read_only(d) for d in (latest_dir, latest_dir + "_best") if fs.isdir(d)}
     if step is not None:
         available = sorted(managers[where].all_steps()) if where in managers else []
         if step not in available:
@@ -483,7 +483,12 @@ def restore_model(path: str):
             raise ModelNotFound(
                 f"{latest_dir}: holds no complete checkpoint yet; wait for the run's first save"
             )
-    graphdef, state = nnx.split(pretrained.abstract_model(model_dir))
+    with fs.fetched(model_dir) as local:  # config.json and the tokenizer's files, read locally
+        graphdef, state = nnx.split(pretrained.abstract_model(local))
+        try:
+            tokenizer = pretrained.load_tokenizer(local)
+        except (OSError, ValueError):
+            tokenizer = None
     target = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
         nnx.to_pure_dict(state),
@@ -529,10 +534,6 @@ def restore_model(path: str):
         for manager in managers.values():
             manager.close()
     model = nnx.merge(graphdef, optim.merge(restored["params"], restored["frozen"]))
-    try:
-        tokenizer = pretrained.load_tokenizer(model_dir)
-    except (OSError, ValueError):
-        tokenizer = None
     return model, tokenizer
 
 

@@ -25,9 +25,9 @@ import sys
 import jax
 import numpy as np
 
-from jaxtune import data
+from jaxtune import data, fs
 from jaxtune.data import classify
-from jaxtune.errors import ConfigError
+from jaxtune.errors import ConfigError, UsageError
 from jaxtune.workdir import Lock
 
 log = logging.getLogger("jaxtune.crossval")
@@ -95,6 +95,11 @@ def run(config, workdir: str, k: int) -> dict | None:
     continues it)."""
 
     c = config.data
+    if fs.is_url(workdir):  # the folds' records are files each fold's run reads as its data
+        raise UsageError(
+            f"--workdir {workdir}: cross-validation needs a local folder (or a mounted bucket); train "
+            "runs take gs:// workdirs"
+        )
     if k < 2:
         raise ConfigError(f"--folds {k}: cross-validation needs at least 2 folds")
     if c.weights:

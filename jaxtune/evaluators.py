@@ -15,7 +15,7 @@ import os
 import jax
 import numpy as np
 
-from jaxtune import metrics, plots, sharding
+from jaxtune import fs, metrics, plots, sharding
 from jaxtune.data.loader import eval_batches
 
 log = logging.getLogger("jaxtune.train")
@@ -89,10 +89,11 @@ class ClassifierEvaluator(LossEvaluator):
         scores = metrics.for_problem(self.labels.problem_type, labels, predictions, names, self.extra)
         matrix = scores.pop("confusion_matrix", None)
         if matrix is not None and jax.process_index() == 0:
-            with open(os.path.join(self.workdir, "confusion_matrix.json"), "w") as f:
-                json.dump({"step": step, "labels": list(names), "matrix": matrix}, f)
-            path = os.path.join(self.workdir, "confusion_matrix.png")
-            plots.confusion_png(matrix, names, path, f"eval at step {step}")
+            record = {"step": step, "labels": list(names), "matrix": matrix}
+            fs.write_text(os.path.join(self.workdir, "confusion_matrix.json"), json.dumps(record))
+            with fs.staged(self.workdir) as local:  # the plot library writes local files only
+                path = os.path.join(local, "confusion_matrix.png")
+                plots.confusion_png(matrix, names, path, f"eval at step {step}")
         return scores
 
 

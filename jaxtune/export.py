@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import sys
 
-from jaxtune import cli
+from jaxtune import cli, fs
 from jaxtune.config import DTYPES
 from jaxtune.errors import OutputError, UsageError
 
@@ -27,9 +27,9 @@ from jaxtune.errors import OutputError, UsageError
 def check_out(out: str, overwrite: bool) -> None:
     """An export goes to a new or empty directory, or replaces one with ``--overwrite`` (its old weight
     files and indexes are removed, so no stale shard or index is loaded in place of the new weights)."""
-    if os.path.exists(out) and not os.path.isdir(out):
+    if fs.exists(out) and not fs.isdir(out):
         raise OutputError(f"--out {out}: a file stands there; pass a directory path")
-    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+    if fs.isdir(out) and fs.listdir(out) and not overwrite:
         raise OutputError(
             f"--out {out} is not empty; pass --overwrite to replace the model in it, "
             "or choose a new directory"
@@ -38,6 +38,8 @@ def check_out(out: str, overwrite: bool) -> None:
 
 def export(args) -> None:
     from jaxtune.checkpoint import load_model
+    from jaxtune.distributed import is_main
+    from jaxtune.hf import stale_weight_files
     from jaxtune.pretrained import save_pretrained
 
     check_out(args.out, args.overwrite)
@@ -58,11 +60,12 @@ def export(args) -> None:
     if args.adapter:  # every process; 0 writes
         from jaxtune import adapter
 
-        adapter.save(model, args.out, base=_base_model(args.checkpoint))
+        with fs.staged(args.out) as out:
+            adapter.save(model, out, base=_base_model(args.checkpoint))
     else:
-        save_pretrained(model, args.out, tokenizer=tokenizer, dtype=args.dtype)  # every process; 0 writes
-    from jaxtune.distributed import is_main
-
+        # A URL: written here, then uploaded; process 0 writes, and only it clears an older model's weights.
+        with fs.staged(args.out, stale=stale_weight_files if is_main() else None) as out:
+            save_pretrained(model, out, tokenizer=tokenizer, dtype=args.dtype)  # every process; 0 writes
     if is_main():
         print(f"wrote {args.out}")
 
@@ -74,8 +77,8 @@ def _base_model(checkpoint: str) -> str:
     from jaxtune.checkpoint import split_path
 
     try:
-        with open(os.path.join(split_path(checkpoint)[0], "config.json"), encoding="utf-8") as f:
-            return str(json.load(f)["model"]["path"])
+        config = json.loads(fs.read_text(os.path.join(split_path(checkpoint)[0], "config.json")))
+        return str(config["model"]["path"])
     except (OSError, ValueError, KeyError, TypeError):
         return ""
 

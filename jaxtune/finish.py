@@ -10,7 +10,8 @@ import os
 import jax
 from flax import nnx
 
-from jaxtune import optim, pretrained
+from jaxtune import fs, optim, pretrained
+from jaxtune.hf import stale_weight_files
 
 log = logging.getLogger("jaxtune.train")
 
@@ -58,13 +59,15 @@ def samples_and_export(
         answers = generator.complete(prompts, config.sample.max_new_tokens, chat=chat)
         rows = [{"prompt": p, "answer": a.text} for p, a in zip(prompts, answers, strict=True)]
         if jax.process_index() == 0:
-            with open(os.path.join(workdir, "samples.jsonl"), "w") as f:
-                for row in rows:
-                    print(f"sample> {row['prompt']}\n{row['answer']}\n")
-                    f.write(json.dumps(row) + "\n")
+            for row in rows:
+                print(f"sample> {row['prompt']}\n{row['answer']}\n")
+            fs.write_text(os.path.join(workdir, "samples.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
     if config.export.at_end:  # every process: the tensors are gathered from all; process 0 writes
         out = os.path.join(workdir, "export")
-        pretrained.save_pretrained(
-            model, out, tokenizer=tokenizer, dtype=config.export.dtype or config.model.param_dtype
-        )
+        # Process 0 writes; only it may clear an older export's weights from a bucket.
+        stale = stale_weight_files if jax.process_index() == 0 else None
+        with fs.staged(out, stale=stale) as local:
+            pretrained.save_pretrained(
+                model, local, tokenizer=tokenizer, dtype=config.export.dtype or config.model.param_dtype
+            )
         log.info("exported Hugging Face weights to %s", out)

@@ -22,7 +22,7 @@ import sys
 
 import numpy as np
 
-from jaxtune import cli
+from jaxtune import cli, fs
 from jaxtune.errors import DataError, ModelError, UsageError
 from jaxtune.sampling import GREEDY, Sampler
 
@@ -221,7 +221,7 @@ def load(args):
     """(model, tokenizer) of ``--model``: a training run's checkpoint or a model."""
     from jaxtune.checkpoint import load_model, split_path
 
-    is_run = os.path.isfile(os.path.join(split_path(args.model)[0], "model", "config.json"))
+    is_run = fs.isfile(os.path.join(split_path(args.model)[0], "model", "config.json"))
     model, tokenizer = load_model(args.model if is_run else None, None if is_run else args.model)
     if args.adapter:
         from jaxtune import adapter

@@ -15,6 +15,7 @@ from collections.abc import Iterator, Mapping
 
 import numpy as np
 
+from jaxtune import fs
 from jaxtune.errors import ModelError, ModelNotFound, first_line
 
 SAFETENSORS = "model.safetensors"
@@ -144,12 +145,12 @@ def read_checkpoint(model_dir: str) -> Tensors:
 
 def stale_weight_files(out_dir: str) -> list[str]:
     """Weight files and indexes in ``out_dir`` that an export would leave beside its own."""
-    if not os.path.isdir(out_dir):
+    if not fs.isdir(out_dir):
         return []
     names = {name for name, _, _ in WEIGHT_FILES}
     return sorted(
         n
-        for n in os.listdir(out_dir)
+        for n in fs.listdir(out_dir)
         if n in names or re.fullmatch(r"(model|pytorch_model)-\d+-of-\d+\.(safetensors|bin)", n)
     )
 

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxtune import hf, sharding
+from jaxtune import fs, hf, sharding
 from jaxtune.errors import ModelError, ModelNotFound, first_line
 from jaxtune.models import heads
 from jaxtune.models import lora as adapters
@@ -429,11 +429,10 @@ def write_lora(spec, model_dir: str) -> None:
 def read_lora(model_dir: str):
     """The :class:`LoraSpec` a run's ``model/`` directory records, or None."""
     where = os.path.join(model_dir, LORA_SPEC)
-    if not os.path.exists(where):
+    if not fs.exists(where):
         return None
     try:
-        with open(where, encoding="utf-8") as f:
-            return adapters.LoraSpec(**json.load(f))
+        return adapters.LoraSpec(**json.loads(fs.read_text(where)))
     except (ValueError, TypeError) as e:
         raise ModelError(
             f"{where}: not a LoRA record jaxtune wrote ({first_line(e)}); restore it from a copy"

@@ -22,6 +22,8 @@ import threading
 
 import numpy as np
 
+from jaxtune import fs
+
 log = logging.getLogger("jaxtune.train")
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _STOP_WATCHING = 0  # a byte no signal has: tells the watcher to end
@@ -31,7 +33,7 @@ def last_complete_step(checkpoint_dir: str) -> str:
     """The newest finished checkpoint, read from the directory names (no Orbax call: the thread that
     asks may run while Orbax is stuck)."""
     try:
-        steps = [int(n) for n in os.listdir(checkpoint_dir) if n.isdigit()]
+        steps = [int(n) for n in fs.listdir(checkpoint_dir) if n.isdigit()]
     except OSError:
         steps = []
     return f"step {max(steps)} in {checkpoint_dir}" if steps else f"none in {checkpoint_dir}"

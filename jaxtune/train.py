@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxtune import checkpoint, cli, data, evaluators, finish, mfu, optim, pretrained, sharding, steps
+from jaxtune import checkpoint, cli, data, evaluators, finish, fs, mfu, optim, pretrained, sharding, steps
 from jaxtune.best import BestTracker
 from jaxtune.config import validate
 from jaxtune.data.loader import Batches
@@ -115,12 +115,12 @@ class Run:
         if pid == 0:
             # Written once the model and the data are known to load, so a rerun that fails on either
             # leaves the files of the run before it as they were.
-            model_dir = os.path.join(workdir, "model")
             model = self.plan.spec.graphdef, self.state, self.frozen
-            pretrained.write_config(_merged(*model), model_dir, config.model.param_dtype, self.tokenizer)
-            pretrained.write_lora(spec.lora, model_dir)
-            with open(os.path.join(workdir, "config.json"), "w") as f:
-                f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+            with fs.staged(os.path.join(workdir, "model"), stale=fs.listdir) as model_dir:
+                pretrained.write_config(_merged(*model), model_dir, config.model.param_dtype, self.tokenizer)
+                pretrained.write_lora(spec.lora, model_dir)
+            record = config.to_json_best_effort(indent=2, sort_keys=True)
+            fs.write_text(os.path.join(workdir, "config.json"), record)
         self.peak = mfu.peak_flops_per_device(c.peak_tflops, config.model.compute_dtype) * len(devices)
         count = sum(x.size for x in jax.tree.leaves(self.plan.abstract["params"]))
         self.adapter_params = None  # LoRA: the adapters' size, for the step's FLOPs

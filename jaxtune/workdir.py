@@ -3,7 +3,8 @@
 The lock is ``flock`` on ``WORKDIR/.lock``: the kernel releases it when the holding process ends, however
 it ends (kill -9 included), so a lock left by a dead run never blocks the next one. The file names the
 holder (pid, host, start time) for the message a second run gets. On a pod, process 0 holds it.
-Network file systems may not honour ``flock``; there the lock is only as good as theirs.
+Network file systems may not honour ``flock``; there the lock is only as good as theirs. An object
+store (a ``gs://`` workdir) has none at all: there the workdir is not locked.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import os
 import socket
 import time
 
-from jaxtune.errors import UsageError, WorkdirBusy
+from jaxtune import fs
+from jaxtune.errors import WorkdirBusy
 
 LOCK_NAME = ".lock"
 log = logging.getLogger(__name__)
@@ -25,14 +27,12 @@ class Lock:
     """``with Lock(workdir):`` holds the workdir for the block, or raises WorkdirBusy naming the holder."""
 
     def __init__(self, workdir: str, enabled: bool = True, flag: str = "--workdir"):
-        if "://" in workdir:
-            # Orbax could write there, but the metrics, config, lock and export are plain files.
-            raise UsageError(
-                f"--workdir {workdir}: URLs are not supported yet; on a pod, mount the bucket on every "
-                "worker (tpu_scripts/setup.sh --bucket NAME mounts gs://NAME at /mnt/NAME with gcsfuse) "
-                "and pass the mounted path"
-            )
-        self.path = os.path.join(os.path.abspath(workdir), LOCK_NAME)
+        self.url = fs.is_url(workdir)
+        if self.url:
+            # An object store has no lock: one run per workdir is the user's to keep there.
+            enabled = False
+            log.info("%s: an object store has no file locks; the workdir is not locked", workdir)
+        self.path = os.path.join(workdir if self.url else os.path.abspath(workdir), LOCK_NAME)
         self.enabled, self.flag = enabled, flag
         self._fd = None
 

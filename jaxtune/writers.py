@@ -1,13 +1,23 @@
 """Where a run's numbers go: ``workdir/metrics.jsonl`` (one JSON object per logged step) and TensorBoard
-event files in the workdir. Only process 0 writes."""
+event files in the workdir. Only process 0 writes.
+
+An object store (a ``gs://`` workdir) has no append: both are written to a local folder and uploaded
+whole at most every ``UPLOAD_SECONDS`` and at the close."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import shutil
+import tempfile
+import time
 
 import jax
+
+from jaxtune import fs
+
+UPLOAD_SECONDS = 30.0
 
 
 class MetricsWriter:
@@ -19,12 +29,19 @@ class MetricsWriter:
         self.enabled = jax.process_index() == 0
         if not self.enabled:
             return
-        path = os.path.join(workdir, "metrics.jsonl")
+        self.remote = workdir if fs.is_url(workdir) else None
+        self.local = tempfile.mkdtemp(prefix="jaxtune-metrics-") if self.remote else workdir
+        path = os.path.join(self.local, "metrics.jsonl")
+        if self.remote and fs.exists(os.path.join(self.remote, "metrics.jsonl")):
+            fs.copy_tree(os.path.join(self.remote, "metrics.jsonl"), path)
         _truncate(path, keep_until)
         self.jsonl = open(path, "a")  # noqa: SIM115 (closed in close())
         from tensorboardX import SummaryWriter
 
-        self.tb = SummaryWriter(logdir=workdir, flush_secs=10)
+        self.tb = SummaryWriter(logdir=self.local, flush_secs=10)
+        self.uploaded = time.monotonic()
+        if self.remote:
+            self._upload()  # the truncation, at once: a resumed run's later rows are gone from the start
 
     def write(self, step: int, split: str, **values) -> None:
         if not self.enabled:
@@ -37,11 +54,22 @@ class MetricsWriter:
                 self.tb.add_scalar(f"{split}/{key}", value, int(step))
         self.jsonl.write(json.dumps(row) + "\n")
         self.jsonl.flush()
+        if self.remote and time.monotonic() - self.uploaded >= UPLOAD_SECONDS:
+            self._upload()
+
+    def _upload(self) -> None:
+        self.tb.flush()
+        for name in os.listdir(self.local):  # metrics.jsonl and this run's event files
+            fs.copy_tree(os.path.join(self.local, name), os.path.join(self.remote, name))
+        self.uploaded = time.monotonic()
 
     def close(self) -> None:
         if self.enabled:
             self.jsonl.close()
             self.tb.close()
+            if self.remote:
+                self._upload()
+                shutil.rmtree(self.local, ignore_errors=True)
 
 
 def _truncate(path: str, keep_until: int) -> None:
@@ -60,7 +88,4 @@ def _truncate(path: str, keep_until: int) -> None:
             kept.append(line if line.endswith("\n") else line + "\n")
     if len(kept) == len(lines):
         return
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(kept)
-    os.replace(tmp, path)
+    fs.write_text(path, "".join(kept))

@@ -61,6 +61,20 @@ def _launch(workdir, overrides):
     return procs
 
 
+def _command_pair(command: str, *args):
+    """``python -m jaxtune.COMMAND ARGS`` as the 2 processes (4 devices each) of one runtime."""
+    port = _free_port()
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    procs = []
+    for i in range(2):
+        runtime = ["--coordinator", f"127.0.0.1:{port}", "--num_processes", "2", "--process_id", str(i)]
+        cmd = [sys.executable, "-m", f"jaxtune.{command}", *map(str, args), *runtime]
+        procs.append(
+            subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        )
+    return procs
+
+
 def _finish(procs, timeout=300):
     outs = []
     try:
@@ -121,22 +135,9 @@ def test_two_processes_export_a_checkpoint_as_one_process_does(pair, tmp_path):
     from safetensors.numpy import load_file
 
     root, _, _ = pair
-    port = _free_port()
-    procs = []
-    for i in range(2):
-        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
-        runtime = ["--coordinator", f"127.0.0.1:{port}", "--num_processes", "2", "--process_id", str(i)]
-        cmd = [sys.executable, "-m", "jaxtune.export", "--checkpoint", str(root / "two"), "--out"]
-        procs.append(
-            subprocess.Popen(
-                [*cmd, str(tmp_path / "out"), *runtime],
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-        )
-    out0, out1 = _finish(procs, timeout=240)
+    out0, out1 = _finish(
+        _command_pair("export", "--checkpoint", root / "two", "--out", tmp_path / "out"), 240
+    )
     assert f"wrote {tmp_path / 'out'}" in out0 and "wrote" not in out1
     assert "restoring sharded over the 8 devices of 2 processes" in out0  # no host holds the whole model
     from jaxtune import export
@@ -144,6 +145,51 @@ def test_two_processes_export_a_checkpoint_as_one_process_does(pair, tmp_path):
     assert export.main(["--checkpoint", str(root / "two"), "--out", str(tmp_path / "one")]) == 0
     two, one = (load_file(tmp_path / d / "model.safetensors") for d in ("out", "one"))
     assert sorted(two) == sorted(one) and all(np.array_equal(two[k], one[k]) for k in one)
+
+
+def test_two_processes_evaluate_a_classifier_checkpoint_as_one_process_does(tmp_path, capsys):
+    """``python -m jaxtune.evaluate --checkpoint`` as 2 processes: the checkpoint is restored sharded
+    over both processes' devices, both compute, process 0 alone prints and writes, and the metrics are
+    those of one process."""
+    from runs import tiny_config
+
+    from jaxtune import evaluate
+
+    data = tmp_path / "d.jsonl"
+    rng = np.random.default_rng(0)
+    with open(data, "w") as f:
+        for i in range(40):
+            good = bool(rng.random() < 0.5)
+            text = ("good fine nice " if good else "awful bad poor ") * 2 + str(i)
+            f.write(json.dumps({"text": text, "label": "pos" if good else "neg"}) + "\n")
+    changes = {
+        "model.task": "sequence_classification",
+        "data.format": "classification",
+        "train.max_steps": 4,
+        "optimizer.lr": 1e-2,
+    }
+    train.run(tiny_config(str(data), **changes), str(tmp_path / "run"))
+    out = tmp_path / "two.json"
+    procs = _command_pair("evaluate", "--checkpoint", tmp_path / "run", "--data", data, "--output", out)
+    out0, out1 = _finish(procs, 240)
+    assert "restoring sharded over the 8 devices of 2 processes" in out0
+    assert "accuracy" in out0 and "accuracy" not in out1
+    capsys.readouterr()
+    assert (
+        evaluate.main(
+            [
+                "--checkpoint",
+                str(tmp_path / "run"),
+                "--data",
+                str(data),
+                "--output",
+                str(tmp_path / "one.json"),
+            ]
+        )
+        == 0
+    )
+    two, one = (json.loads((tmp_path / n).read_text()) for n in ("two.json", "one.json"))
+    assert two == one and two["accuracy"] > 0
 
 
 @pytest.mark.parametrize("devices", [8, 2])
@@ -232,11 +278,12 @@ def test_loading_under_fsdp_reads_only_the_blocks_each_device_holds(tmp_path, mo
         np.testing.assert_array_equal(value, plain[path])
 
 
-def test_a_url_workdir_is_one_line_naming_the_mount(capsys):
-    status = train.main(["--config", SMOKE, "--workdir", "gs://bucket/run"])
+def test_crossval_on_a_url_workdir_is_one_line(capsys):
+    from jaxtune import crossval
+
+    status = crossval.main(["--config", SMOKE, "--folds", "2", "--workdir", "gs://bucket/run"])
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert status == 2 and err.startswith("error: --workdir gs://bucket/run: URLs are not supported yet")
-    assert "setup.sh --bucket" in err
+    assert status == 2 and err.startswith("error: --workdir gs://bucket/run: cross-validation needs a local")
 
 
 def test_which_environments_start_a_multi_process_runtime(monkeypatch):

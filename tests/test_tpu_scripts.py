@@ -42,7 +42,7 @@ def test_setup_copies_the_committed_tree_and_installs_jax_tpu_on_every_worker():
     assert scp[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "scp"] and "--worker=all" in scp
     assert ssh[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "pod"] and "--worker=all" in ssh
     remote = next(a for a in ssh if a.startswith("--command="))
-    assert "pip install -q -e" in remote and "jaxtune[tpu]" in remote
+    assert "pip install -q -e" in remote and "jaxtune[tpu,gcs]" in remote
     *_, mount = _dry("setup.sh", *WHERE, "--bucket", "gs://my-bucket")
     remote = next(a for a in mount if a.startswith("--command="))
     assert "gcsfuse --implicit-dirs my-bucket /mnt/my-bucket" in remote and "--worker=all" in mount

@@ -33,7 +33,7 @@ TARBALL="${TMPDIR:-/tmp}/jaxtune-$NAME.tar.gz"
 run git -C "$ROOT" archive --format=tar.gz --prefix=jaxtune/ -o "$TARBALL" "$REF"
 run gcloud compute tpus tpu-vm scp "$TARBALL" "$NAME:jaxtune.tar.gz" "${FLAGS[@]}" --worker=all
 ssh_all "rm -rf ~/jaxtune && tar -xzf ~/jaxtune.tar.gz -C ~ && python3 -m venv ~/jaxtune-venv \
-&& ~/jaxtune-venv/bin/pip install -q --upgrade pip && ~/jaxtune-venv/bin/pip install -q -e \"\$HOME/jaxtune[tpu]\" \
+&& ~/jaxtune-venv/bin/pip install -q --upgrade pip && ~/jaxtune-venv/bin/pip install -q -e \"\$HOME/jaxtune[tpu,gcs]\" \
 && ~/jaxtune-venv/bin/python -c 'import jax; print(jax.process_index(), jax.local_device_count(), jax.device_count())'"
 if [[ -n "$BUCKET" ]]; then
   # gcsfuse from Google's apt repository (Cloud Storage FUSE's documented install), then the mount.
