@@ -27,7 +27,9 @@ def is_url(path) -> bool:
 def _remote(path):
     from etils import epath
 
-    if os.fspath(path).startswith("gs://") and importlib.util.find_spec("gcsfs") is None:
+    # epath reaches gs:// through gcsfs, or through TensorFlow's gfile where TensorFlow is installed.
+    missing = all(importlib.util.find_spec(m) is None for m in ("gcsfs", "tensorflow"))
+    if os.fspath(path).startswith("gs://") and missing:
         raise UsageError(f"{path}: gs:// paths need gcsfs; pip install 'jaxtune[gcs]'")
     return epath.Path(path)
 
@@ -35,7 +37,7 @@ def _remote(path):
 def absolute(path: str) -> str:
     """``path`` made absolute; a URL as it is."""
     path = os.fspath(path)
-    return path if is_url(path) else os.path.abspath(os.path.expanduser(path))
+    return path if is_url(path) else os.path.abspath(path)
 
 
 def exists(path: str) -> bool:

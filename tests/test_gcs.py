@@ -148,7 +148,7 @@ def test_gs_paths_without_gcsfs_are_one_line(monkeypatch):
     from jaxtune.errors import UsageError
 
     real = importlib.util.find_spec
-    absent = {"gcsfs"}
+    absent = {"gcsfs", "tensorflow"}
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n in absent else real(n, *a))
     with pytest.raises(UsageError, match=r"gs://b/run: gs:// paths need gcsfs; pip install 'jaxtune\[gcs\]'"):
         fs.exists("gs://b/run")
