@@ -1,6 +1,7 @@
-"""Generation and LoRA, side by side on this machine's CPU, SmolLM2-135M-Instruct in float32.
+"""Generation and LoRA, side by side on this machine's CPU, SmolLM2-135M-Instruct (float32 unless --dtype).
 
-    .venv/bin/python benchmarks/generate_lora.py [--reps 3] [--new 128] [--steps 10] [--json FILE]
+    .venv/bin/python benchmarks/generate_lora.py [--reps 3] [--new 128] [--steps 10] [--dtype float32]
+        [--decode_only] [--json FILE]
 
 1. Decode: greedy generation of ``--new`` tokens (no early stop) for 1 and for 8 copies of a chat
    prompt, jaxtune's engine (jaxtune.engine.Engine, KV cache) against transformers' ``generate``
@@ -28,7 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPT = [{"role": "user", "content": "Write a short poem about the sea."}]
 
 
-def decode_rows(reps: int, new: int) -> list[dict]:
+def decode_rows(reps: int, new: int, dtype: str = "float32") -> list[dict]:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     import torch
     import transformers
@@ -42,8 +43,8 @@ def decode_rows(reps: int, new: int) -> list[dict]:
     ids = tok.apply_chat_template(PROMPT, add_generation_prompt=True, tokenize=True, return_dict=True)[
         "input_ids"
     ]
-    engine = Engine(jaxtune.load_pretrained(path))
-    ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    engine = Engine(jaxtune.load_pretrained(path, dtype=dtype))  # weights, cache and compute in dtype
+    ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
     rows = []
     for batch in (1, 8):
         prompts = [ids] * batch
@@ -76,7 +77,7 @@ def decode_rows(reps: int, new: int) -> list[dict]:
         j, t = batch * new / statistics.median(walls), batch * new / statistics.median(torch_walls)
         rows.append(
             {
-                "row": f"decode batch {batch}, {new} new tokens",
+                "row": f"decode batch {batch}, {new} new tokens, {dtype}",
                 "jaxtune_tokens_per_s": j,
                 "transformers_tokens_per_s": t,
                 "ratio": j / t,
@@ -133,9 +134,11 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--new", type=int, default=128)
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="decode rows' dtype")
+    p.add_argument("--decode_only", action="store_true", help="leave out the LoRA training rows")
     p.add_argument("--json", help="also write the rows to this file")
     args = p.parse_args()
-    rows = decode_rows(args.reps, args.new) + lora_rows(args.steps)
+    rows = decode_rows(args.reps, args.new, args.dtype) + ([] if args.decode_only else lora_rows(args.steps))
     for r in rows:
         print(" | ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()))
     if args.json:
