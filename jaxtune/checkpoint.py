@@ -228,6 +228,10 @@ class Checkpoints:
                 if fs.exists(target):
                     fs.rmtree(target)
                 fs.move(os.path.join(self.dir, str(step)), target)
+        if jax.process_count() > 1:  # the others must not list a step that is being moved (a copy on GCS)
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("jaxtune: damaged checkpoints set aside")
         self.manager.reload()
 
     def wait(self) -> None:

@@ -136,8 +136,7 @@ def staged(path: str, stale=None):
     model's weight shards, say); those the block did not write are deleted after it. Locally, the
     block's own code removes what it replaces."""
     if not is_url(path):
-        os.makedirs(path, exist_ok=True)
-        yield path
+        yield path  # the block's own code makes the folder, on the process that writes
         return
     with tempfile.TemporaryDirectory(prefix="jaxtune-upload-") as local:
         yield local

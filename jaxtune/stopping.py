@@ -32,8 +32,10 @@ _STOP_WATCHING = 0  # a byte no signal has: tells the watcher to end
 def last_complete_step(checkpoint_dir: str) -> str:
     """The newest finished checkpoint, read from the directory names (no Orbax call: the thread that
     asks may run while Orbax is stuck)."""
+    if fs.is_url(checkpoint_dir):  # no network call on the way out: the store may be what hangs
+        return f"see {checkpoint_dir}"
     try:
-        steps = [int(n) for n in fs.listdir(checkpoint_dir) if n.isdigit()]
+        steps = [int(n) for n in os.listdir(checkpoint_dir) if n.isdigit()]
     except OSError:
         steps = []
     return f"step {max(steps)} in {checkpoint_dir}" if steps else f"none in {checkpoint_dir}"

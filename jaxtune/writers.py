@@ -7,6 +7,7 @@ whole at most every ``UPLOAD_SECONDS`` and at the close."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -16,6 +17,8 @@ import time
 import jax
 
 from jaxtune import fs
+
+log = logging.getLogger("jaxtune.train")
 
 UPLOAD_SECONDS = 30.0
 
@@ -55,7 +58,16 @@ class MetricsWriter:
         self.jsonl.write(json.dumps(row) + "\n")
         self.jsonl.flush()
         if self.remote and time.monotonic() - self.uploaded >= UPLOAD_SECONDS:
-            self._upload()
+            try:
+                self._upload()
+            except Exception as e:  # noqa: BLE001 - a store's hiccup must not end the run: retried later
+                self.uploaded = time.monotonic()
+                log.warning(
+                    "uploading the metrics to %s failed (%s); retrying in %.0f s",
+                    self.remote,
+                    e,
+                    UPLOAD_SECONDS,
+                )
 
     def _upload(self) -> None:
         self.tb.flush()
@@ -68,7 +80,13 @@ class MetricsWriter:
             self.jsonl.close()
             self.tb.close()
             if self.remote:
-                self._upload()
+                try:
+                    self._upload()
+                except Exception as e:  # noqa: BLE001 - the local copy stays, and the message says where
+                    log.error(
+                        "uploading the metrics to %s failed (%s); they are in %s", self.remote, e, self.local
+                    )
+                    return
                 shutil.rmtree(self.local, ignore_errors=True)
 
 

@@ -56,6 +56,7 @@ E2E = {
     "test_minilm",
     "test_predict",
     "test_multihost",
+    "test_gcs",
 }
 
 

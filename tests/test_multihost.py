@@ -149,8 +149,8 @@ def test_two_processes_export_a_checkpoint_as_one_process_does(pair, tmp_path):
 
 def test_two_processes_evaluate_a_classifier_checkpoint_as_one_process_does(tmp_path, capsys):
     """``python -m jaxtune.evaluate --checkpoint`` as 2 processes: the checkpoint is restored sharded
-    over both processes' devices, both compute, process 0 alone prints and writes, and the metrics are
-    those of one process."""
+    over both processes' devices, both compute, process 0 alone prints the table, and the metrics written
+    are those of one process."""
     from runs import tiny_config
 
     from jaxtune import evaluate

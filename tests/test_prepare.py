@@ -396,3 +396,13 @@ def test_a_prepare_killed_mid_run_resumes_to_the_same_index(tmp_path):
     assert json.loads((out / shards.INDEX).read_text()) == whole and len(whole["parts"][0]["shards"]) > 5
     for shard in whole["parts"][0]["shards"] + whole["eval"]["shards"]:
         assert (out / shard["file"]).read_bytes() == (tmp_path / "whole" / shard["file"]).read_bytes()
+
+
+def test_a_url_out_is_one_line_not_a_local_folder_of_that_name(tmp_path, bytes_tokenizer, monkeypatch):
+    from jaxtune.errors import UsageError
+
+    monkeypatch.chdir(tmp_path)
+    c = data_config(train=write_texts(tmp_path / "src", 1, 5), seq_len=16)
+    with pytest.raises(UsageError, match=r"--out gs://b/x: prepare writes a local folder"):
+        prepare.Prepare(c, bytes_tokenizer, "gs://b/x", 0, 1, 64).run(progress_bar=False)
+    assert not (tmp_path / "gs:").exists()

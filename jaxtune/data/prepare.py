@@ -32,6 +32,7 @@ from jaxtune.data import shards
 from jaxtune.data.packing import RowBuilder
 from jaxtune.data.sources import DataError, expand, fingerprint, iterate
 from jaxtune.data.workers import Tokenizers, chunks
+from jaxtune.errors import UsageError
 from jaxtune.workdir import LOCK_NAME, Lock
 
 log = logging.getLogger(__name__)
@@ -192,6 +193,11 @@ class Prepare:
 
     # -- the work ----------------------------------------------------------------------------------------
     def run(self, progress_bar: bool = True) -> dict:
+        if "://" in self.out:
+            raise UsageError(
+                f"--out {self.out}: prepare writes a local folder (or a mounted bucket); copy it to the "
+                "bucket afterwards"
+            )
         os.makedirs(self.out, exist_ok=True)
         with Lock(self.out, flag="--out"):  # two prepares of one folder would race on its files
             return self._run(progress_bar)
