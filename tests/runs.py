@@ -32,6 +32,19 @@ def tiny_config(text_file, **changes):
     return c
 
 
+def write_labelled(path, n: int) -> str:
+    """``n`` records of two separable classes (pos / neg words), for the tiny classifier runs."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    with open(path, "w") as f:
+        for i in range(n):
+            good = bool(rng.random() < 0.5)
+            text = ("good fine nice " if good else "awful bad poor ") * 2 + str(i)
+            f.write(json.dumps({"text": text, "label": "pos" if good else "neg"}) + "\n")
+    return str(path)
+
+
 def metrics(workdir, split="train"):
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         return [row for row in map(json.loads, f) if row["split"] == split]

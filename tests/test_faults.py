@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from flax import nnx
 from hf_models import make_model
-from runs import losses, metrics, tiny_config
+from runs import losses, metrics, tiny_config, write_labelled
 
 import jaxtune
 from jaxtune import checkpoint, crossval, evaluate, export, predict, train
@@ -34,14 +34,7 @@ ONE_DEVICE = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=
 @pytest.fixture(scope="module")
 def labelled(tmp_path_factory):
     """Two separable classes: accuracy reaches 1.0 within a few steps and then ties at every eval."""
-    path = tmp_path_factory.mktemp("clf") / "d.jsonl"
-    rng = np.random.default_rng(0)
-    with open(path, "w") as f:
-        for i in range(64):
-            good = bool(rng.random() < 0.5)
-            text = ("good fine nice " if good else "awful bad poor ") * 2 + str(i)
-            f.write(json.dumps({"text": text, "label": "pos" if good else "neg"}) + "\n")
-    return str(path)
+    return write_labelled(tmp_path_factory.mktemp("clf") / "d.jsonl", 64)
 
 
 def config_of(text_file, **changes):

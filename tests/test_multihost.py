@@ -151,17 +151,11 @@ def test_two_processes_evaluate_a_classifier_checkpoint_as_one_process_does(tmp_
     """``python -m jaxtune.evaluate --checkpoint`` as 2 processes: the checkpoint is restored sharded
     over both processes' devices, both compute, process 0 alone prints the table, and the metrics written
     are those of one process."""
-    from runs import tiny_config
+    from runs import tiny_config, write_labelled
 
     from jaxtune import evaluate
 
-    data = tmp_path / "d.jsonl"
-    rng = np.random.default_rng(0)
-    with open(data, "w") as f:
-        for i in range(40):
-            good = bool(rng.random() < 0.5)
-            text = ("good fine nice " if good else "awful bad poor ") * 2 + str(i)
-            f.write(json.dumps({"text": text, "label": "pos" if good else "neg"}) + "\n")
+    data = write_labelled(tmp_path / "d.jsonl", 40)
     changes = {
         "model.task": "sequence_classification",
         "data.format": "classification",
