@@ -166,6 +166,26 @@ def test_an_interrupted_prepare_resumes_to_the_same_index(processes, tmp_path, b
     assert prepare_(out).run(progress_bar=False) == whole
 
 
+def test_a_prepare_stopped_before_its_first_progress_resumes(tmp_path, bytes_tokenizer, monkeypatch):
+    """Shards are renamed into place before the first progress is saved: a kill in that window leaves a
+    folder the rerun still takes as its own, and finishes to the index of an uninterrupted prepare."""
+    c = data_config(train=write_texts(tmp_path / "src", 2, 150), seq_len=24)
+    prepare_ = lambda out: prepare.Prepare(c, bytes_tokenizer, str(out), 0, 1, 20)  # noqa: E731
+    whole = prepare_(tmp_path / "whole").run(progress_bar=False)
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prepare.Prepare, "_save_progress", killed)
+    out = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        prepare_(out).run(progress_bar=False)
+    assert list(out.glob("train0-*.arrayrecord")) and not (out / shards.INDEX).exists()
+    monkeypatch.undo()
+    assert prepare_(out).run(progress_bar=False) == whole
+    assert sorted(os.listdir(out)) == sorted(os.listdir(tmp_path / "whole"))
+
+
 def _prepared(tmp_path, tokenizer, docs=200):
     files = write_texts(tmp_path / "src", 2, docs)
     c = data_config(train=files, seq_len=16)

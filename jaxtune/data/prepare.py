@@ -207,7 +207,10 @@ class Prepare:
         if done is not None:
             log.info("%s is prepared already from these inputs: nothing to do", self.out)
             return done
-        state = self._progress() or {"key": self.key, "group": 0, "read": 0, "kept": 0, "parts": []}
+        state = self._progress()
+        if state is None:  # marks the folder as this prepare's before its first shard lands in it
+            state = {"key": self.key, "group": 0, "read": 0, "kept": 0, "parts": []}
+            _write_json(os.path.join(self.out, PROGRESS), state)
         self._clean(state)
         if state["group"] or state["read"]:
             log.info(
