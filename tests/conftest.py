@@ -45,9 +45,11 @@ def text_file(tmp_path_factory):
     return str(path)
 
 
-# End-to-end modules (training runs, CLIs, real models); the rest are unit tests that run in about a
-# minute: `make unit` (pytest -m "not e2e"). `make test` runs both.
+# End-to-end modules (training runs, CLIs, real models); elsewhere a test of that kind, or one over 5 s
+# (a transformers-parity grid, a TPU plan), carries @pytest.mark.e2e itself. The rest are the unit tests
+# of about a minute: `make unit` (pytest -m "not e2e"). `make test` runs both.
 E2E = {
+    "test_lora",
     "test_train",
     "test_faults",
     "test_classify",

@@ -151,6 +151,7 @@ def _per_token_nll(model, batch):
     return -np.take_along_axis(logp, batch["targets"][..., None], -1)[..., 0] * batch["loss_mask"]
 
 
+@pytest.mark.e2e
 def test_packed_and_unpacked_examples_have_the_same_loss():
     from jaxtune.models import presets
 

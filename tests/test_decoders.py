@@ -12,6 +12,7 @@ from hf_models import ATOL_EXPORT, ATOL_LOGITS, VARIANTS, batch, hf_logits, make
 import jaxtune
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_logits_match_transformers_and_export_round_trips(variant, tmp_path):
     ref = make_model(variant)
@@ -55,6 +56,7 @@ def test_causal_future_tokens_do_not_leak(tmp_path):
     assert np.abs(a[:, 6:] - b[:, 6:]).max() > 1e-3
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("variant", ["llama", "gpt2", "gemma2"])
 def test_packed_segments_do_not_attend_to_each_other(variant, tmp_path):
     make_model(variant).save_pretrained(tmp_path)
@@ -128,6 +130,7 @@ def test_export_cli_casts_and_shards(tmp_path):
     np.testing.assert_array_equal(np.asarray(reloaded(ids, mask)), np.asarray(model(ids, mask)))
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_xla_attention_matches_transformers_too(variant, tmp_path):
     """The attention op chosen at call time (jax.nn.dot_product_attention; Gemma 2's soft-capping

@@ -49,6 +49,7 @@ def _hf_greedy(ref, prompts, new):
     return out[:, t:].tolist()
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_greedy_tokens_equal_transformers_batched_with_left_padding(variant, tmp_path):
     """Every decoder family, Gemma 2's sliding window (4) shorter than the prompts and GPT-2's learned
@@ -60,6 +61,7 @@ def test_greedy_tokens_equal_transformers_batched_with_left_padding(variant, tmp
         assert Engine(model, unroll=unroll).generate(prompts, 16, pad_id=PAD) == want, unroll
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("variant", ["llama", "gemma2", "gpt2"])
 def test_cached_logits_equal_uncached(variant, tmp_path):
     """Prefill then one token at a time through the cache gives the logits of one forward pass over the
@@ -192,6 +194,7 @@ def test_stop_strings_end_a_completion_which_leaves_them_out(tmp_path):
     assert cut == free[: free.index(stop)]
 
 
+@pytest.mark.e2e
 def test_generate_command_streams_one_prompt_and_writes_jsonl(tmp_path, capsys):
     path = _bytes_model(tmp_path)
     assert generate_main(["--model", path, "--prompt", "abc", "--max_new_tokens", "8"]) == 0
@@ -226,6 +229,7 @@ def test_cache_mask_is_causal_windowed_and_skips_padding():
     assert m.tolist() == [[False, False, True, True, False, False], [False, False, False, True, True, False]]
 
 
+@pytest.mark.e2e
 def test_generation_sharded_over_a_mesh_equals_one_device(tmp_path, caplog):
     """The model in FSDP x tensor shards and the cache constrained under the same rules: same tokens."""
     from jaxtune import sharding

@@ -85,6 +85,7 @@ def random_labels(task, problem_type, n, mask, rng):
     ENCODER_CASES + DECODER_CASES,
     ids=lambda x: str(x) if x is not None else "-",
 )
+@pytest.mark.e2e
 def test_head_matches_transformers_and_export_round_trips(variant, task, num_labels, problem_type, tmp_path):
     decoder = variant not in ENCODERS
     changes = {}

@@ -25,6 +25,7 @@ SMOKE = os.path.join(os.path.dirname(__file__), "..", "configs", "smoke.py")
 @pytest.mark.parametrize(
     "dtype, out_dtype", [(jnp.float32, None), (jnp.bfloat16, None), (jnp.bfloat16, jnp.float32)]
 )
+@pytest.mark.e2e
 def test_dense_gradients_equal_autodiff(x_shape, w_shape, n_in, dtype, out_dtype):
     kx, kw, kc = jax.random.split(jax.random.key(0), 3)
     x = jax.random.normal(kx, x_shape, jnp.float32).astype(dtype)
@@ -51,6 +52,7 @@ def test_dense_gradients_equal_autodiff(x_shape, w_shape, n_in, dtype, out_dtype
         )
 
 
+@pytest.mark.e2e
 def test_fsdp_divides_parameters_and_optimizer_state_by_the_devices(text_file):
     """Per device, the compiled train step's arguments (parameters, Adam's two moments, the step and a
     batch sharded like the activations) shrink as 1/N under FSDP on 1, 2, 4 and 8 devices."""
@@ -88,6 +90,7 @@ def _autodiff_attention(q_btnh, k_bskh, v_bskh, mask_bts, scale):
         (40, False, "right"),  # an encoder's mask: every token sees the row
     ],
 )
+@pytest.mark.e2e
 def test_attention_equals_autodiff_of_the_reference(t, causal, rows):
     b, n, k, h = 2, 6, 2, 16
     kq, kk, kv, kd = jax.random.split(jax.random.key(1), 4)
@@ -131,6 +134,7 @@ def test_attention_equals_autodiff_of_the_reference(t, causal, rows):
     assert (rows == "left") == (not real.all())
 
 
+@pytest.mark.e2e
 def test_a_rerun_loads_its_compiled_steps_from_the_compilation_cache(text_file, tmp_path):
     cache = tmp_path / "xla"
 

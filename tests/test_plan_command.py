@@ -77,6 +77,7 @@ def _tpu_friendly_llama(tmp_path) -> str:
     return str(d)
 
 
+@pytest.mark.e2e
 def test_arguments_per_device_are_the_sharded_state(tmp_path, capsys):
     _tpu_compiler()
     model = _tpu_friendly_llama(tmp_path)
@@ -125,6 +126,7 @@ def test_a_70b_full_fine_tune_does_not_fit_four_v5e_chips_and_says_why(capsys):
     assert "largest part is arguments" in line and "mesh.fsdp" in line
 
 
+@pytest.mark.e2e
 def test_cpu_devices_plan_without_the_tpu_compiler(tmp_path):
     """``cpu:N`` never starts the TPU runtime (with jax[tpu] installed, as here, it would announce
     itself on stderr), so it needs no jax[tpu]."""
@@ -142,6 +144,7 @@ def test_cpu_devices_plan_without_the_tpu_compiler(tmp_path):
     assert "libtpu" not in out.stderr and "TPU_WORKER_HOSTNAMES" not in out.stderr
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_the_llama3_8b_config_fits_a_v5p_32(capsys):
     """The pod config as shipped, planned for the slice its docstring names (compiling the 8B step

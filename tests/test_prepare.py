@@ -298,6 +298,7 @@ def test_windowed_packing_is_first_fit_over_the_last_rows():
     assert fill(windowed) > 0.8 * fill(full)
 
 
+@pytest.mark.e2e
 def test_memory_stays_flat_over_a_corpus_ten_times_larger(tmp_path):
     """Training batches from 20 MB and from 200 MB of prepared rows: the reading process's peak RSS
     differs by less than 60 MB (the in-memory path would hold the whole corpus)."""
@@ -389,6 +390,7 @@ def test_rebuilt_hugging_face_dataset_gets_a_new_cache_key(tmp_path, bytes_token
     assert data._cache_key(c, bytes_tokenizer, 0, None) != first
 
 
+@pytest.mark.e2e
 def test_a_prepare_killed_mid_run_resumes_to_the_same_index(tmp_path):
     """The real command, SIGKILLed once a few shards are on disk, then run again: the same shards and
     index as a run that was never stopped."""
