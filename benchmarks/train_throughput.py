@@ -16,8 +16,9 @@ jaxtune's own data pipeline and seed. The data are the chatterbot-corpus dialogs
 the two sides alternate (jaxtune, Trainer, jaxtune, ... with --repeats); step times are each run's own
 (jaxtune's `step_seconds` in metrics.jsonl, which leaves compilation out; a Trainer callback at each
 step end); the first two steps of each run are left out, the median of the rest is reported. Tokens
-are each batch's real tokens (its attention mask), the same batches on both sides, so the ratio of
-tokens/s is that of step times. Peak RSS is each child process's own
+are each batch's real tokens (its attention mask), the same batches on both sides. tokens/s is the
+median of each step's rate, so where batches differ in real tokens (the classifier row) it and the
+median step time may come from different steps. Peak RSS is each child process's own
 (`wait4`). Needs `make install-test`.
 """
 
