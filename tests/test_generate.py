@@ -275,3 +275,18 @@ def test_the_models_eos_ids_from_config_json_end_a_completion(tmp_path):
     model = jaxtune.load_pretrained(tmp_path / "eos")
     got = Generator(model, tok).complete(["hello"], 16)[0].token_ids
     assert got == free[: free.index(stop) + 1]
+
+
+def test_16bit_weights_on_cpu_run_unrolled_and_at_least_two_rows(tmp_path):
+    # XLA's CPU kernels for a one-row bfloat16 product, and for a scanned layer's bfloat16 weights, are
+    # several times slower (benchmarks/README.md): the engine pads one prompt to two rows and unrolls.
+    ref = make_model("llama")
+    ref.save_pretrained(tmp_path / "llama")
+    half = Engine(jaxtune.load_pretrained(tmp_path / "llama", dtype=jnp.bfloat16))
+    full = Engine(jaxtune.load_pretrained(tmp_path / "llama"))
+    assert half._layout(8)[0].layer_graph is not None and full._layout(8)[0].layer_graph is None
+    prompt = _prompts()[0]
+    out = half.generate([prompt], 8, pad_id=PAD)
+    assert half.stats["batch"] == 2 and half.stats["rows"] == 1 and len(out[0]) == 8
+    full.generate([prompt], 8, pad_id=PAD)
+    assert full.stats["batch"] == 1

@@ -22,12 +22,24 @@ import numpy as np
 def dense(x, w, n_in: int, out_dtype=None):
     """``x`` [..., in...] times ``w`` [in..., out...]: the last ``n_in`` dimensions of ``x`` contracted
     with the first ``n_in`` of ``w``; ``out_dtype``: the accumulation and output dtype (None: the
-    inputs'). The same product as ``jax.lax.dot_general``, with the backward pass written out."""
+    inputs', accumulated in float32 for fewer than :data:`FEW_ROWS` rows of 16-bit floats). The same
+    product as ``jax.lax.dot_general``, with the backward pass written out."""
     return _dense(x, w, n_in, out_dtype)
+
+
+FEW_ROWS = 128  # see _dense
 
 
 def _dense(x, w, n_in, out_dtype):
     contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+    half = jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize < 4
+    if out_dtype is None and half and math.prod(x.shape[: x.ndim - n_in]) < FEW_ROWS:
+        # A product of few rows in 16-bit floats (a decode step's) is accumulated in float32 and
+        # rounded once: XLA's CPU kernels for a bfloat16 result run 3-5x slower there than for a
+        # float32 one (benchmarks/README.md). From about 128 rows on (training) the bfloat16 result is
+        # the faster; accelerators accumulate in float32 either way.
+        y = jax.lax.dot_general(x, w, (contract, ((), ())), preferred_element_type=jnp.float32)
+        return y.astype(x.dtype)
     return jax.lax.dot_general(x, w, (contract, ((), ())), preferred_element_type=out_dtype)
 
 
