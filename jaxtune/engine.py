@@ -130,9 +130,10 @@ class Engine:
     :data:`UNROLL_ROWS` rows; accelerators read the slices in place, and a scan compiles in constant
     time.
 
-    With 16-bit weights on CPU the engine always unrolls (the scanned bfloat16 step was 3x slower at 8
-    rows) and runs at least 2 rows (a padded one): XLA's CPU kernel for a one-row bfloat16 product is
-    5x slower than for two (SmolLM2-135M, 2 CPU cores: 365 against 103 ms a step).
+    With 16-bit weights on CPU the engine unrolls at any number of rows (with ``unroll`` None; the
+    scanned bfloat16 step was 3x slower at 8 rows) and runs at least 2 rows (a padded one): XLA's CPU
+    kernel for a one-row bfloat16 product is 5x slower than for two (SmolLM2-135M, 2 CPU cores: a
+    decode step of 365 against 103 ms).
     """
 
     def __init__(self, model, mesh=None, rules=(), unroll: bool | None = None):
@@ -140,6 +141,8 @@ class Engine:
             raise ConfigError("generation needs a causal language model (task causal_lm)")
         self.cfg, self.model = model.cfg, model
         self.mesh, self.rules, self.unroll = mesh, rules, unroll
+        # 16-bit weights on CPU: unrolled and at least 2 rows (see the class).
+        self._cpu_half = jax.default_backend() == "cpu" and model.embed[...].dtype.itemsize < 4
         graphdef, state = nnx.split(model)
         self._layouts = {False: (_Graph(graphdef), state)}
         self.stats: dict = {}  # of the last generate(): prefill and decode seconds, decode steps
@@ -148,15 +151,12 @@ class Engine:
         """(graph, state) for a batch of ``rows``: scanned, or unrolled (see the class)."""
         unroll = self.unroll
         if unroll is None:
-            unroll = self._cpu_16bit() or (jax.default_backend() == "cpu" and rows <= UNROLL_ROWS)
+            unroll = self._cpu_half or (jax.default_backend() == "cpu" and rows <= UNROLL_ROWS)
         if unroll not in self._layouts:
             graphdef, stacked, rest = nnx.split(self.model, nnx.PathContains("layers"), ...)
             per_layer = [jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(self.cfg.num_layers)]
             self._layouts[True] = (_Graph(graphdef, nnx.graphdef(self.model.layers)), (rest, per_layer))
         return self._layouts[bool(unroll)]
-
-    def _cpu_16bit(self) -> bool:
-        return jax.default_backend() == "cpu" and self.model.embed[...].dtype.itemsize < 4
 
     def _sharding(self):
         return contextlib.nullcontext() if self.mesh is None else activation_sharding(self.mesh, self.rules)
@@ -186,7 +186,7 @@ class Engine:
                 f"{self.cfg.max_positions} positions; shorten the prompt or ask for fewer new tokens"
             )
         n, t = len(prompts), bucket(longest, MIN_PROMPT_BUCKET)
-        b = bucket(n, 2 if self._cpu_16bit() else 1)
+        b = bucket(n, 2 if self._cpu_half else 1)
         ids, mask = np.full((b, t), pad_id, np.int32), np.zeros((b, t), np.int32)
         for row, p in enumerate(prompts):  # left padding: every row ends at the same slot
             ids[row, t - len(p) :], mask[row, t - len(p) :] = p, 1

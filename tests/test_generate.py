@@ -277,6 +277,8 @@ def test_the_models_eos_ids_from_config_json_end_a_completion(tmp_path):
     assert got == free[: free.index(stop) + 1]
 
 
+@pytest.mark.e2e
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="a choice for XLA's CPU kernels")
 def test_16bit_weights_on_cpu_run_unrolled_and_at_least_two_rows(tmp_path):
     # XLA's CPU kernels for a one-row bfloat16 product, and for a scanned layer's bfloat16 weights, are
     # several times slower (benchmarks/README.md): the engine pads one prompt to two rows and unrolls.

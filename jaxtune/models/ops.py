@@ -32,15 +32,16 @@ FEW_ROWS = 128  # see _dense
 
 def _dense(x, w, n_in, out_dtype):
     contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-    half = jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize < 4
+    acc, out = out_dtype, None
+    half = x.dtype == w.dtype and jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize < 4
     if out_dtype is None and half and math.prod(x.shape[: x.ndim - n_in]) < FEW_ROWS:
         # A product of few rows in 16-bit floats (a decode step's) is accumulated in float32 and
         # rounded once: XLA's CPU kernels for a bfloat16 result run 3-5x slower there than for a
-        # float32 one (benchmarks/README.md). From about 128 rows on (training) the bfloat16 result is
-        # the faster; accelerators accumulate in float32 either way.
-        y = jax.lax.dot_general(x, w, (contract, ((), ())), preferred_element_type=jnp.float32)
-        return y.astype(x.dtype)
-    return jax.lax.dot_general(x, w, (contract, ((), ())), preferred_element_type=out_dtype)
+        # float32 one (benchmarks/README.md). The two are about even at 128 rows, and from 256 rows on
+        # (training) the bfloat16 result is the faster; accelerators accumulate in float32 either way.
+        acc, out = jnp.float32, x.dtype
+    y = jax.lax.dot_general(x, w, (contract, ((), ())), preferred_element_type=acc)
+    return y if out is None else y.astype(out)
 
 
 def _dense_fwd(x, w, n_in, out_dtype):
