@@ -141,17 +141,18 @@ class Engine:
             raise ConfigError("generation needs a causal language model (task causal_lm)")
         self.cfg, self.model = model.cfg, model
         self.mesh, self.rules, self.unroll = mesh, rules, unroll
+        self._cpu = jax.default_backend() == "cpu"
         # 16-bit weights on CPU: unrolled and at least 2 rows (see the class).
-        self._cpu_half = jax.default_backend() == "cpu" and model.embed[...].dtype.itemsize < 4
+        self._cpu_half = self._cpu and model.embed[...].dtype.itemsize < 4
         graphdef, state = nnx.split(model)
         self._layouts = {False: (_Graph(graphdef), state)}
-        self.stats: dict = {}  # of the last generate(): prefill and decode seconds, decode steps
+        self.stats: dict = {}  # of the last generate(): prefill and decode seconds, steps, rows, batch
 
     def _layout(self, rows: int):
         """(graph, state) for a batch of ``rows``: scanned, or unrolled (see the class)."""
         unroll = self.unroll
         if unroll is None:
-            unroll = self._cpu_half or (jax.default_backend() == "cpu" and rows <= UNROLL_ROWS)
+            unroll = self._cpu_half or (self._cpu and rows <= UNROLL_ROWS)
         if unroll not in self._layouts:
             graphdef, stacked, rest = nnx.split(self.model, nnx.PathContains("layers"), ...)
             per_layer = [jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(self.cfg.num_layers)]
