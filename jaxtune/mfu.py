@@ -77,6 +77,15 @@ def peak_flops_per_device(override_tflops: float = 0.0, compute_dtype: str = "fl
     return 0.0
 
 
+def peak_flops(devices, override_tflops: float = 0.0, compute_dtype: str = "float32") -> float:
+    """The dense peak of a run on ``devices``. On CPU, the measured rate of each host the devices are
+    on: forced host devices are slices of one machine that run on all of its cores, so a run on one of
+    them has the machine's rate, not its share. Elsewhere, the per-device peak times the devices."""
+    if peak_is_measured(override_tflops):
+        return measured_cpu_flops(compute_dtype) * len({d.process_index for d in devices})
+    return peak_flops_per_device(override_tflops, compute_dtype) * len(devices)
+
+
 def flops_per_token(cfg, seq_len: int, output_layer: bool = True, adapter_params: int | None = None) -> float:
     """Training FLOPs per token (forward + backward); ``output_layer``: the vocabulary projection of a
     language model (a classifier's head is negligible). ``adapter_params``: with LoRA, the adapters'

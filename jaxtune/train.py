@@ -121,7 +121,7 @@ class Run:
                 pretrained.write_lora(spec.lora, model_dir)
             record = config.to_json_best_effort(indent=2, sort_keys=True)
             fs.write_text(os.path.join(workdir, "config.json"), record)
-        self.peak = mfu.peak_flops_per_device(c.peak_tflops, config.model.compute_dtype) * len(devices)
+        self.peak = mfu.peak_flops(devices, c.peak_tflops, config.model.compute_dtype)
         count = sum(x.size for x in jax.tree.leaves(self.plan.abstract["params"]))
         self.adapter_params = None  # LoRA: the adapters' size, for the step's FLOPs
         if spec.lora is not None:

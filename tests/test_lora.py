@@ -12,7 +12,7 @@ import pytest
 import torch
 import transformers
 from hf_models import ATOL_LOGITS, hf_logits, make_model
-from runs import losses, tiny_config
+from runs import losses, one_device, tiny_config
 
 import jaxtune
 from jaxtune import adapter, checkpoint, export, optim, pretrained, sharding, train
@@ -266,7 +266,7 @@ def test_lora_classifier_trains_its_head_keeps_the_best_and_exports_a_peft_adapt
     c.eval.at_start, c.eval.every_steps = True, 12
     c.checkpoint.best_metric, c.checkpoint.best_keep = "accuracy", 1
     workdir = tmp_path / "run"
-    train.run(c, str(workdir))
+    train.run(c, str(workdir), devices=one_device())
     evals = [r for r in map(json.loads, open(workdir / "metrics.jsonl")) if r["split"] == "eval"]
     assert evals[-1]["accuracy"] >= 0.9 and evals[-1]["accuracy"] > evals[0]["accuracy"] + 0.2, evals
     assert json.loads((workdir / "checkpoints_best" / "best.json").read_text())["kept"]

@@ -204,3 +204,13 @@ def test_the_datasheet_peak_follows_the_compute_dtype():
     assert mfu.datasheet_peak("TPU v5", "float32") == 459e12  # one bfloat16 pass
     assert mfu.datasheet_peak("TPU v5 lite", "bfloat16") == 197e12
     assert mfu.datasheet_peak("Some new chip", "bfloat16") == 0.0
+
+
+def test_a_run_on_some_of_the_forced_host_devices_has_the_machines_peak():
+    # They are slices of one CPU: a run on one of the 8 runs on every core (it once read 1/8 of the
+    # machine, so a real step "beat" the peak at its first step).
+    from jaxtune import mfu
+
+    machine = mfu.measured_cpu_flops("float32")
+    assert mfu.peak_flops(jax.devices()[:1]) == mfu.peak_flops(jax.devices()) == machine > 0
+    assert mfu.peak_flops(jax.devices()[:2], override_tflops=2.0) == 4e12  # a given peak is per device

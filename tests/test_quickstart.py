@@ -6,6 +6,7 @@ import json
 import pathlib
 
 import pytest
+from runs import one_device
 
 from jaxtune import train
 
@@ -25,8 +26,7 @@ def test_quickstart_trains_samples_and_exports(tmp_path, capsys):
         config.train.max_steps = 2
         config.eval.max_batches = 1
         config.sample.max_new_tokens = 4
-        config.mesh.data, config.mesh.fsdp = 1, 8  # 8 host devices: shard the model, don't copy it 8 times
-    summary = train.run(config, str(tmp_path))
+    summary = train.run(config, str(tmp_path), devices=one_device())  # as `make demo` runs on a CPU
     assert summary["step"] == 2
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if r["split"] == "eval"]

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from runs import losses, metrics, tiny_config
+from runs import losses, metrics, one_device, tiny_config
 
 import jaxtune
 from jaxtune import checkpoint, optim, steps, train
@@ -551,7 +551,7 @@ def test_sequence_classification_training_learns_and_exports_its_labels(tmp_path
     c.optimizer.warmup_steps = 2
     c.eval.at_start = True
     c.export.at_end = True
-    train.run(c, str(tmp_path / "run"))
+    train.run(c, str(tmp_path / "run"), devices=one_device())
     evals = metrics(tmp_path / "run", "eval")
     assert [e["step"] for e in evals] == [0, 24]
     assert evals[1]["accuracy"] >= 0.9 and evals[1]["accuracy"] > evals[0]["accuracy"] + 0.2, evals
@@ -679,7 +679,7 @@ def test_regression_and_multi_label_classifiers_train_and_report_their_metrics(k
     c.eval.at_start = True
     c.eval.batch_size = 24  # 40 dev rows: the last batch is padded, and the padding must not count
     c.export.at_end = True
-    train.run(c, str(tmp_path / "run"))
+    train.run(c, str(tmp_path / "run"), devices=one_device())
     before, after = metrics(tmp_path / "run", "eval")
     saved = json.loads((tmp_path / "run" / "export" / "config.json").read_text())
     assert saved["problem_type"] == kind
@@ -731,11 +731,11 @@ def test_batches_cut_to_their_longest_row_train_like_full_rows(tmp_path, caplog)
     c.train.max_steps = 6
     c.optimizer.lr = 1e-4
     c.eval.batch_size = 8
-    train.run(c, str(tmp_path / "full"))
+    train.run(c, str(tmp_path / "full"), devices=one_device())
     c.data.pad_to_multiple_of = 8
     caplog.clear()  # only the second run's compilations
     with caplog.at_level(logging.INFO, logger="jaxtune.train"):
-        train.run(c, str(tmp_path / "cut"))
+        train.run(c, str(tmp_path / "cut"), devices=one_device())
     cut_losses, full_losses = losses(tmp_path / "cut"), losses(tmp_path / "full")
     assert sorted(cut_losses) == sorted(full_losses) == list(range(1, 7))
     np.testing.assert_allclose(list(cut_losses.values()), list(full_losses.values()), atol=1e-5)
