@@ -7,9 +7,12 @@ mean transformers reports.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
+from jaxtune.logical import constrain
 from jaxtune.models.layers import DEFAULT_OPTIONS
 
 MODEL_INPUTS = ("attention_mask", "position_ids", "segment_ids")  # the batch fields a decoder reads
@@ -56,7 +59,7 @@ def classification_loss(logits, labels, problem_type: str, weights=None):
 def causal_lm_loss(model, batch, chunk_tokens: int, dropout=None, options=DEFAULT_OPTIONS):
     """Summed next-token cross-entropy and the number of counted tokens.
 
-    The output layer and the loss run over chunks of ``chunk_tokens`` tokens under ``jax.checkpoint``, so
+    The output layer and the loss run over chunks of ``chunk_tokens`` tokens (:func:`chunked_nll`), so
     at most one chunk of float32 logits ``[chunk, vocab]`` exists at a time, forward or backward.
     """
     inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
@@ -68,18 +71,68 @@ def causal_lm_loss(model, batch, chunk_tokens: int, dropout=None, options=DEFAUL
     x_nd = jnp.pad(x_btd.reshape(n, d), ((0, pad), (0, 0))).reshape(-1, chunk, d)
     targets = jnp.pad(batch["targets"].reshape(n), (0, pad)).reshape(-1, chunk)
     weights = jnp.pad(batch["loss_mask"].reshape(n).astype(jnp.float32), (0, pad)).reshape(-1, chunk)
+    w, names = model.output_weights()
+    total = chunked_nll(model.logits_with, names, w, x_nd, targets, weights)
+    return total, jnp.sum(weights)
 
-    def chunk_loss(x_cd, target_c, weight_c):
-        logits = model.logits(x_cd[None])[0].astype(jnp.float32)
-        picked = jnp.take_along_axis(logits, target_c[:, None], axis=-1)[:, 0]
-        return jnp.sum((jax.nn.logsumexp(logits, axis=-1) - picked) * weight_c)
 
-    if x_nd.shape[0] == 1:  # one chunk: nothing to save by recomputing its logits on the way back
-        return chunk_loss(x_nd[0], targets[0], weights[0]), jnp.sum(weights)
-    saved = jax.checkpoint(chunk_loss)
+def _nll(logits_fn, w, x_cd, target_c, weight_c):
+    logits = logits_fn(w, x_cd[None])[0].astype(jnp.float32)
+    picked = jnp.take_along_axis(logits, target_c[:, None], axis=-1)[:, 0]
+    return jnp.sum((jax.nn.logsumexp(logits, axis=-1) - picked) * weight_c)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def chunked_nll(logits_fn, w_names, w, x_ncd, targets_nc, weights_nc):
+    """The weighted next-token NLL summed over chunks: ``logits_fn(w, x[None])`` gives a chunk's logits
+    ``[1, chunk, vocab]`` through the output weight ``w`` (logical axis names ``w_names``).
+
+    Differentiated, each chunk's gradients (for ``x`` and ``w``) are computed in the forward pass,
+    right after its loss, while its logits exist: the incoming gradient of a summed loss is one
+    number, which the backward pass only multiplies in. Recomputing each chunk's logits on the way
+    back instead (``jax.checkpoint``) cost one more vocabulary-sized product per chunk: 1.7 s of a
+    SmolLM2 step of 8 x 512 tokens on a 2-core CPU (benchmarks/README.md). The weight's gradient is
+    skipped when ``w`` is not trained (a LoRA run's frozen head).
+    """
 
     def body(total, xs):
-        return total + saved(*xs), None
+        return total + _nll(logits_fn, w, *xs), None
 
-    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (x_nd, targets, weights))
-    return total, jnp.sum(weights)
+    return jax.lax.scan(body, jnp.zeros((), jnp.float32), (x_ncd, targets_nc, weights_nc))[0]
+
+
+def _chunked_nll_fwd(logits_fn, w_names, w, x_ncd, targets_nc, weights_nc):
+    trains_w = w.perturbed
+    w, x_ncd, targets_nc, weights_nc = w.value, x_ncd.value, targets_nc.value, weights_nc.value
+
+    def body(carry, xs):
+        total, dw = carry
+        x_cd, target_c, weight_c = xs
+        if trains_w:
+            loss, grad = jax.vjp(lambda w, x: _nll(logits_fn, w, x, target_c, weight_c), w, x_cd)
+            dw_c, dx_cd = grad(jnp.ones((), loss.dtype))
+            dw = dw + dw_c.astype(acc)  # summed over chunks in float32 at least, rounded once
+        else:
+            loss, grad = jax.vjp(lambda x: _nll(logits_fn, w, x, target_c, weight_c), x_cd)
+            (dx_cd,) = grad(jnp.ones((), loss.dtype))
+        return (total + loss, dw), dx_cd
+
+    acc = jnp.promote_types(jnp.float32, w.dtype)
+    # The gradient is summed sharded like the weight (a 128k-vocabulary head's is GBs).
+    dw0 = constrain(jnp.zeros(w.shape, acc), w_names) if trains_w else jnp.zeros((), acc)
+    init = (jnp.zeros((), jnp.float32), dw0)
+    (total, dw), dx_ncd = jax.lax.scan(body, init, (x_ncd, targets_nc, weights_nc))
+    return total, (dw.astype(w.dtype) if trains_w else None, dx_ncd)
+
+
+def _chunked_nll_bwd(logits_fn, w_names, residuals, g):
+    dw, dx_ncd = residuals
+    return (
+        None if dw is None else (dw * g).astype(dw.dtype),
+        (dx_ncd * g).astype(dx_ncd.dtype),
+        None,
+        None,
+    )
+
+
+chunked_nll.defvjp(_chunked_nll_fwd, _chunked_nll_bwd, symbolic_zeros=True)

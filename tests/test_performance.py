@@ -214,3 +214,49 @@ def test_a_run_on_some_of_the_forced_host_devices_has_the_machines_peak():
     machine = mfu.measured_cpu_flops("float32")
     assert mfu.peak_flops(jax.devices()[:1]) == mfu.peak_flops(jax.devices()) == machine > 0
     assert mfu.peak_flops(jax.devices()[:2], override_tflops=2.0) == 4e12  # a given peak is per device
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("variant", ["llama", "llama-tied-mqa", "gemma2"])
+def test_the_chunked_loss_and_its_gradients_equal_autodiff_of_the_whole_loss(variant, tmp_path):
+    """losses.chunked_nll computes each chunk's gradients in its forward pass: the loss and the
+    gradients of the hidden states and of the output weight (tied, separate, soft-capped) equal
+    autodiff's over the whole logits, for one chunk and for several with padding; with the weight not
+    differentiated (a frozen head), the same hidden-state gradient."""
+    from hf_models import make_model
+
+    import jaxtune
+    from jaxtune import losses
+
+    make_model(variant).save_pretrained(tmp_path / variant)
+    model = jaxtune.load_pretrained(tmp_path / variant)
+    rng = np.random.RandomState(0)
+    x = jnp.asarray(rng.randn(2, 9, model.cfg.hidden_size), jnp.float32)
+    targets = jnp.asarray(rng.randint(0, model.cfg.vocab_size, (2, 9)), jnp.int32)
+    mask = jnp.asarray(rng.rand(2, 9) > 0.3, jnp.float32)
+    w, names = model.output_weights()
+
+    def whole(w, x):
+        logp = jax.nn.log_softmax(model.logits_with(w, x).astype(jnp.float32), axis=-1)
+        return -jnp.sum(jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0] * mask) / 7.0
+
+    def chunked(chunk):
+        def loss(w, x):
+            n = 18 + (-18 % chunk)
+            pad = lambda a: jnp.pad(a.reshape(18, *a.shape[2:]), [(0, n - 18)] + [(0, 0)] * (a.ndim - 2))
+            split = lambda a: a.reshape(n // chunk, chunk, *a.shape[1:])
+            args = (split(pad(x)), split(pad(targets)), split(pad(mask)))
+            # divided, as the train step divides by its tokens: the backward pass must scale by it
+            return losses.chunked_nll(model.logits_with, names, w, *args) / 7.0
+
+        return loss
+
+    want, (want_dw, want_dx) = jax.value_and_grad(whole, (0, 1))(w, x)
+    for chunk in (18, 5):
+        got, (dw, dx) = jax.jit(jax.value_and_grad(chunked(chunk), (0, 1)))(w, x)
+        np.testing.assert_allclose(got, want, rtol=1e-5)
+        np.testing.assert_allclose(dx, want_dx, atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(dw, want_dw, atol=1e-5, rtol=1e-5)
+        frozen_dx = jax.jit(jax.grad(lambda x, c=chunk: chunked(c)(w, x)))(x)
+        np.testing.assert_allclose(frozen_dx, want_dx, atol=1e-5, rtol=1e-5)
+        assert float(jax.jit(chunked(chunk))(w, x)) == pytest.approx(float(want), rel=1e-5)

@@ -251,15 +251,25 @@ class Decoder(nnx.Module):
 
     def logits(self, x_btd):
         """Vocabulary logits for hidden states (tied or separate head, Gemma 2 soft-capping)."""
+        return self.logits_with(self.output_weights()[0], x_btd)
+
+    def output_weights(self):
+        """The output layer's weight and its logical axis names: ``[vocab, embed]`` when tied to the
+        embedding, else ``[embed, vocab]``; what :meth:`logits_with` multiplies by (the loss
+        differentiates it explicitly)."""
+        if self.cfg.tie_embeddings:
+            return self.embed[...], ("vocab", "embed")
+        return self.lm_head[...], ("embed", "vocab")
+
+    def logits_with(self, w, x_btd):
+        """:meth:`logits` through the output weight ``w``; reads nothing else of the model's state."""
         # Accumulated and returned in float32 at least (float64 stays float64): the softmax over a
         # large vocabulary needs it.
         f32 = jnp.promote_types(jnp.float32, x_btd.dtype)
         if self.cfg.tie_embeddings:
-            w_vd = self.embed[...].astype(x_btd.dtype)
-            logits = jnp.einsum("btd,vd->btv", x_btd, w_vd, preferred_element_type=f32)
+            logits = jnp.einsum("btd,vd->btv", x_btd, w.astype(x_btd.dtype), preferred_element_type=f32)
         else:
-            w_dv = self.lm_head[...].astype(x_btd.dtype)
-            logits = layers.dense(x_btd, w_dv, 1, f32)
+            logits = layers.dense(x_btd, w.astype(x_btd.dtype), 1, f32)
         if self.cfg.final_softcap:
             logits = jnp.tanh(logits / self.cfg.final_softcap) * self.cfg.final_softcap
         return logits
