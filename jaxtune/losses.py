@@ -104,17 +104,20 @@ def chunked_nll(logits_fn, w_names, w, x_ncd, targets_nc, weights_nc):
 def _chunked_nll_fwd(logits_fn, w_names, w, x_ncd, targets_nc, weights_nc):
     trains_w = w.perturbed
     w, x_ncd, targets_nc, weights_nc = w.value, x_ncd.value, targets_nc.value, weights_nc.value
+    # The chunks' gradients are taken for the mean over the counted tokens, not the sum, as the train
+    # step's own 1/tokens would scale them: a float16 sum over thousands of tokens can overflow.
+    count = jnp.maximum(jnp.sum(weights_nc), 1.0)
 
     def body(carry, xs):
         total, dw = carry
         x_cd, target_c, weight_c = xs
         if trains_w:
             loss, grad = jax.vjp(lambda w, x: _nll(logits_fn, w, x, target_c, weight_c), w, x_cd)
-            dw_c, dx_cd = grad(jnp.ones((), loss.dtype))
-            dw = dw + dw_c.astype(acc)  # summed over chunks in float32 at least, rounded once
+            dw_c, dx_cd = grad(1.0 / count)
+            dw = dw + dw_c.astype(acc)  # summed over chunks in float32 at least
         else:
             loss, grad = jax.vjp(lambda x: _nll(logits_fn, w, x, target_c, weight_c), x_cd)
-            (dx_cd,) = grad(jnp.ones((), loss.dtype))
+            (dx_cd,) = grad(1.0 / count)
         return (total + loss, dw), dx_cd
 
     acc = jnp.promote_types(jnp.float32, w.dtype)
@@ -122,13 +125,18 @@ def _chunked_nll_fwd(logits_fn, w_names, w, x_ncd, targets_nc, weights_nc):
     dw0 = constrain(jnp.zeros(w.shape, acc), w_names) if trains_w else jnp.zeros((), acc)
     init = (jnp.zeros((), jnp.float32), dw0)
     (total, dw), dx_ncd = jax.lax.scan(body, init, (x_ncd, targets_nc, weights_nc))
-    return total, (dw.astype(w.dtype) if trains_w else None, dx_ncd)
+    # dw stays in its float32 accumulator until the backward pass scales it; the empty array carries
+    # the weight's dtype there.
+    return total, ((dw, jnp.zeros((0,), w.dtype)) if trains_w else None, dx_ncd, count)
 
 
 def _chunked_nll_bwd(logits_fn, w_names, residuals, g):
-    dw, dx_ncd = residuals
+    if isinstance(g, jax.custom_derivatives.SymbolicZero):  # the loss is not used: nothing flows back
+        return None, None, None, None
+    dw, dx_ncd, count = residuals
+    g = g * count  # the forward pass took the gradients of the mean
     return (
-        None if dw is None else (dw * g).astype(dw.dtype),
+        None if dw is None else (dw[0] * g).astype(dw[1].dtype),  # rounded to the weight's dtype once
         (dx_ncd * g).astype(dx_ncd.dtype),
         None,
         None,

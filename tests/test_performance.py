@@ -260,3 +260,33 @@ def test_the_chunked_loss_and_its_gradients_equal_autodiff_of_the_whole_loss(var
         frozen_dx = jax.jit(jax.grad(lambda x, c=chunk: chunked(c)(w, x)))(x)
         np.testing.assert_allclose(frozen_dx, want_dx, atol=1e-5, rtol=1e-5)
         assert float(jax.jit(chunked(chunk))(w, x)) == pytest.approx(float(want), rel=1e-5)
+
+
+def test_the_chunked_loss_gradients_stay_finite_in_float16():
+    """A chunk's gradients are taken for the mean over the counted tokens, as the train step scales
+    them: summed over 2048 tokens of one target, the output weight's row would overflow float16."""
+    from jaxtune import losses
+
+    rng = np.random.RandomState(0)
+    x = jnp.asarray(rng.rand(1, 2048, 8) * 100.0, jnp.float16)
+    w = jnp.asarray(rng.randn(16, 8), jnp.float16)
+    targets, mask = jnp.zeros((1, 2048), jnp.int32), jnp.ones((1, 2048), jnp.float32)
+
+    def head(w, x):
+        return jnp.einsum("btd,vd->btv", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+
+    def mean(w, x, fn):
+        return fn(w, x) / 2048.0
+
+    def ours(w, x):
+        return losses.chunked_nll(head, ("vocab", "embed"), w, x, targets, mask)
+
+    def whole(w, x):
+        logp = jax.nn.log_softmax(head(w, x)[0], axis=-1)
+        return -jnp.sum(logp[:, 0])
+
+    got = jax.jit(jax.grad(lambda w, x: mean(w, x, ours), (0, 1)))(w, x)
+    want = jax.grad(lambda w, x: mean(w, x, whole), (0, 1))(w.astype(jnp.float32), x.astype(jnp.float32))
+    for a, e in zip(got, want, strict=True):
+        assert a.dtype == jnp.float16 and bool(jnp.all(jnp.isfinite(a)))
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(e), rtol=2e-2, atol=2e-2)
