@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # MFU of a ~1B Llama's train step in bfloat16 on one GPU (see benchmarks/gpu_mfu.py): under 10 minutes.
 #
-#   bash benchmarks/gpu_mfu.sh [--batch 8] [--seq-len 2048] [--steps 10] [--json FILE]
+#   bash benchmarks/gpu_mfu.sh [--batch 8] [--seq-len 2048] [--steps 10] [--json FILE] [--variants ...]
 #
 # Needs a Python with jax[cuda], flax, optax, orbax-checkpoint, transformers, pyyaml, etils and
 # ml_collections (PYTHON=... picks it; default python3). jaxtune itself is read from this checkout. A

@@ -305,6 +305,8 @@ def attend(
     """
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention implementation {impl!r} is not one of {', '.join(ATTENTION_IMPLS)}")
+    if impl == "cudnn" and causal and not softcap and (dropout is None or not dropout.rate):
+        return _cudnn_causal(q_btnh, k_bskh, v_bskh, mask_bts, scale)
     if impl != "reference" and not softcap and (dropout is None or not dropout.rate):
         return jax.nn.dot_product_attention(
             q_btnh, k_bskh, v_bskh, mask=mask_bts[:, None], scale=scale, implementation=impl
@@ -329,6 +331,53 @@ def attend(
     scores = jnp.where(mask_bts[:, None, None], scores, MASKED)
     probs = drop(dropout, jax.nn.softmax(scores, axis=-1).astype(v_bskh.dtype), Dropout.ATTN_PROBS)
     return jnp.einsum("bkgts,bskh->btkgh", probs, v_bskh).reshape(b, t, n, h)
+
+
+def causal_right_padding(mask_bts):
+    """``(lengths [b], right_padded)``: whether the causal self-attention mask ``mask_bts`` is exactly
+    "key k is seen by query q when k <= q and k < the row's length" (right padding, no segments or
+    window), and the lengths (the keys its last query sees) that then describe it."""
+    t = mask_bts.shape[1]
+    idx = jnp.arange(t)
+    lengths_b = jnp.sum(mask_bts[:, -1, :], axis=-1, dtype=jnp.int32)
+    expected = (idx[None, :] <= idx[:, None])[None] & (idx[None, None, :] < lengths_b[:, None, None])
+    return lengths_b, jnp.all(mask_bts == expected)
+
+
+def _cudnn_causal(q_btnh, k_bskh, v_bskh, mask_bts, scale):
+    """cuDNN's fused causal self-attention, with the mask in the form cuDNN builds inside the kernel
+    when it has one: causal with right padding (every key of a row up to its length; queries past it
+    see the same keys, as in the dense mask). That kernel skips the blocks above the diagonal and
+    reads no [t, s] array. Any other mask (packed segments, sliding windows, left padding) goes to
+    cuDNN as a dense bias, with the causal mask type so the skipped blocks stay skipped; the bias
+    path also makes cuDNN write a bias gradient that nothing reads, which is why it is the fallback.
+    Which mask a batch has is only known at run time, so both are compiled and a ``cond`` picks."""
+    t = mask_bts.shape[1]
+    lengths_b, right_padded = causal_right_padding(mask_bts)
+
+    def kernel_mask(q, k, v, lengths):
+        # A row of padding alone (length 0) takes key 0 rather than none: nothing reads that row, and
+        # a kernel row with no key at all need not be finite.
+        lengths = jnp.maximum(lengths, 1)
+        full = jnp.full_like(lengths, t)
+        return jax.nn.dot_product_attention(
+            q,
+            k,
+            v,
+            scale=scale,
+            is_causal=True,
+            query_seq_lengths=full,
+            key_value_seq_lengths=lengths,
+            implementation="cudnn",
+        )
+
+    def dense_mask(q, k, v, lengths):
+        del lengths
+        return jax.nn.dot_product_attention(
+            q, k, v, mask=mask_bts[:, None], scale=scale, is_causal=True, implementation="cudnn"
+        )
+
+    return jax.lax.cond(right_padded, kernel_mask, dense_mask, q_btnh, k_bskh, v_bskh, lengths_b)
 
 
 class Attention(nnx.Module):
