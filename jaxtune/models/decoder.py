@@ -266,10 +266,9 @@ class Decoder(nnx.Module):
         # Accumulated and returned in float32 at least (float64 stays float64): the softmax over a
         # large vocabulary needs it.
         f32 = jnp.promote_types(jnp.float32, x_btd.dtype)
-        if self.cfg.tie_embeddings:
-            logits = jnp.einsum("btd,vd->btv", x_btd, w.astype(x_btd.dtype), preferred_element_type=f32)
-        else:
-            logits = layers.dense(x_btd, w.astype(x_btd.dtype), 1, f32)
+        # The tied [vocab, embed] weight goes in transposed: its product then has dense's backward pass.
+        w_dv = w.T if self.cfg.tie_embeddings else w
+        logits = layers.dense(x_btd, w_dv.astype(x_btd.dtype), 1, f32)
         if self.cfg.final_softcap:
             logits = jnp.tanh(logits / self.cfg.final_softcap) * self.cfg.final_softcap
         return logits

@@ -55,6 +55,14 @@ def _dense_bwd(n_in, out_dtype, residuals, dy):
     # plain copy of a saved input, makes it an ordinary [in, tokens] x [tokens, out] product.
     x, w = residuals
     lead = x.ndim - n_in
+    if out_dtype is not None and x.dtype == w.dtype and dy.dtype != x.dtype:
+        # A widened product (16-bit inputs, float32 logits): its gradient comes back in float32, and a
+        # float32 x bfloat16 product runs as a float32 one (TF32 on an NVIDIA GPU, half the bfloat16
+        # rate: a fifth of a 1B Llama's step in its output layer). The cotangent goes to the inputs'
+        # dtype instead, as mixed-precision training does (PyTorch's autocast included). Their results
+        # are asked for in that dtype too, which GPUs and TPUs accumulate in float32 anyway (XLA's CPU
+        # backend has no kernel for every 16-bit product with a float32 result).
+        dy, out_dtype = dy.astype(x.dtype), None
     dx = jax.lax.dot_general(
         dy,
         w,
