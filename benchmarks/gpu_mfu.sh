@@ -2,6 +2,7 @@
 # MFU of a ~1B Llama's train step in bfloat16 on one GPU (see benchmarks/gpu_mfu.py): under 10 minutes.
 #
 #   bash benchmarks/gpu_mfu.sh [--batch 8] [--seq-len 2048] [--steps 10] [--json FILE] [--variants ...]
+#       [--budget SECONDS] [--profile FOLDER]
 #
 # Needs a Python with jax[cuda], flax, optax, orbax-checkpoint, transformers, pyyaml, etils and
 # ml_collections (PYTHON=... picks it; default python3). jaxtune itself is read from this checkout. A

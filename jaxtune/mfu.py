@@ -1,8 +1,9 @@
 """Model FLOPs per token and device peak rates, for tokens/s -> MFU.
 
 FLOPs follow the PaLM appendix convention: 6 x (matmul parameters) per token for forward and
-backward, plus 12 x layers x heads x head_dim x sequence length for attention; rematerialisation is
-not counted (that would be hardware FLOPs utilisation). The embedding lookup is not a matmul; the
+backward, plus 12 x layers x heads x head_dim x sequence length for attention, halved for a causal
+decoder (its tokens see the keys up to themselves, as MaxText counts it); rematerialisation is not
+counted (that would be hardware FLOPs utilisation). The embedding lookup is not a matmul; the
 output layer is, tied or not.
 """
 
@@ -102,7 +103,10 @@ def flops_per_token(cfg, seq_len: int, output_layer: bool = True, adapter_params
     attn_proj = d * h * (2 * n + 2 * k)  # q, o and k, v
     mlp = d * f * (3 if cfg.gated_mlp else 2)
     matmul_params = L * (attn_proj + mlp) + (d * cfg.vocab_size if output_layer else 0)
-    attention = 12.0 * L * n * h * seq_len
+    # q k^T and the weighted sum of v: 4 n h FLOPs per key a token attends to, times 3 for the backward
+    # pass. A causal token attends to the keys up to itself, half the row on average (MaxText's count;
+    # the fused kernels skip the blocks above the diagonal), an encoder's token to all of them.
+    attention = 12.0 * L * n * h * seq_len * (0.5 if cfg.causal else 1.0)
     if adapter_params is not None:
         return 4.0 * matmul_params + 6.0 * adapter_params + attention
     return 6.0 * matmul_params + attention

@@ -36,7 +36,10 @@ def _masks():
     ]
 
 
-@pytest.mark.parametrize("name, attention_mask, segments, window, right", _masks(), ids=lambda v: str(v))
+NAMES = [mask[0] for mask in _masks()]
+
+
+@pytest.mark.parametrize("name, attention_mask, segments, window, right", _masks(), ids=NAMES)
 def test_a_causal_right_padded_mask_is_recognised_and_no_other(name, attention_mask, segments, window, right):
     mask = layers.attention_mask_bts(jnp.asarray(attention_mask), segments, T, jnp.asarray(window))
     lengths, right_padded = layers.causal_right_padding(mask)
@@ -46,7 +49,7 @@ def test_a_causal_right_padded_mask_is_recognised_and_no_other(name, attention_m
 
 
 @needs_gpu
-@pytest.mark.parametrize("name, attention_mask, segments, window, right", _masks(), ids=lambda v: str(v))
+@pytest.mark.parametrize("name, attention_mask, segments, window, right", _masks(), ids=NAMES)
 def test_cudnn_attention_and_its_gradients_equal_the_reference(name, attention_mask, segments, window, right):
     del right
     rng = np.random.default_rng(0)

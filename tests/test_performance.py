@@ -4,6 +4,7 @@ equals autodiff's, and FSDP divides a full fine-tune's parameters and optimizer 
 import os
 import subprocess
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 from runs import tiny_config
 
-from jaxtune import sharding
+from jaxtune import mfu, sharding
 from jaxtune.models import layers, ops
 from jaxtune.plan import plan
 
@@ -196,9 +197,22 @@ def test_scale_and_shift_gradients_equal_autodiff(dtype):
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(e, np.float32), rtol=tol, atol=tol)
 
 
-def test_the_datasheet_peak_follows_the_compute_dtype():
-    from jaxtune import mfu
+def test_attention_flops_count_the_keys_a_token_attends_to():
+    shapes = dict(
+        hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2, head_dim=16, num_layers=3
+    )
+    decoder = types.SimpleNamespace(**shapes, gated_mlp=True, vocab_size=100, causal=True)
+    encoder = types.SimpleNamespace(**shapes, gated_mlp=True, vocab_size=100, causal=False)
+    per_key = 4 * 4 * 16 * 3 * 3  # q k^T and p v: 4 x heads x head_dim per key, 3 layers, x3 with backward
+    for length in (128, 1024):
+        assert mfu.flops_per_token(encoder, length) - mfu.flops_per_token(encoder, 0) == per_key * length
+        # a causal token sees the keys up to itself: half the row on average
+        assert mfu.flops_per_token(decoder, length) - mfu.flops_per_token(decoder, 0) == per_key * length / 2
+    matmul_params = 3 * (64 * 16 * (2 * 4 + 2 * 2) + 64 * 128 * 3) + 64 * 100
+    assert mfu.flops_per_token(decoder, 0) == 6 * matmul_params
 
+
+def test_the_datasheet_peak_follows_the_compute_dtype():
     assert mfu.datasheet_peak("NVIDIA H100 80GB HBM3", "bfloat16") == 989e12
     assert mfu.datasheet_peak("NVIDIA H200", "float32") == 989e12 / 2  # TF32 under JAX's default precision
     assert mfu.datasheet_peak("TPU v5", "float32") == 459e12  # one bfloat16 pass
@@ -209,8 +223,6 @@ def test_the_datasheet_peak_follows_the_compute_dtype():
 def test_a_run_on_some_of_the_forced_host_devices_has_the_machines_peak():
     # They are slices of one CPU: a run on one of the 8 runs on every core (it once read 1/8 of the
     # machine, so a real step "beat" the peak at its first step).
-    from jaxtune import mfu
-
     machine = mfu.measured_cpu_flops("float32")
     assert mfu.peak_flops(jax.devices()[:1]) == mfu.peak_flops(jax.devices()) == machine > 0
     assert mfu.peak_flops(jax.devices()[:2], override_tflops=2.0) == 4e12  # a given peak is per device

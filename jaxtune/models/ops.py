@@ -23,7 +23,8 @@ def dense(x, w, n_in: int, out_dtype=None):
     """``x`` [..., in...] times ``w`` [in..., out...]: the last ``n_in`` dimensions of ``x`` contracted
     with the first ``n_in`` of ``w``; ``out_dtype``: the accumulation and output dtype (None: the
     inputs', accumulated in float32 for fewer than :data:`FEW_ROWS` rows of 16-bit floats). The same
-    product as ``jax.lax.dot_general``, with the backward pass written out."""
+    product as ``jax.lax.dot_general``, with the backward pass written out (a bfloat16 product widened
+    by ``out_dtype`` takes its gradient in bfloat16: see ``_dense_bwd``)."""
     return _dense(x, w, n_in, out_dtype)
 
 
@@ -55,13 +56,15 @@ def _dense_bwd(n_in, out_dtype, residuals, dy):
     # plain copy of a saved input, makes it an ordinary [in, tokens] x [tokens, out] product.
     x, w = residuals
     lead = x.ndim - n_in
-    if out_dtype is not None and x.dtype == w.dtype and dy.dtype != x.dtype:
-        # A widened product (16-bit inputs, float32 logits): its gradient comes back in float32, and a
-        # float32 x bfloat16 product runs as a float32 one (TF32 on an NVIDIA GPU, half the bfloat16
-        # rate: a fifth of a 1B Llama's step in its output layer). The cotangent goes to the inputs'
-        # dtype instead, as mixed-precision training does (PyTorch's autocast included). Their results
-        # are asked for in that dtype too, which GPUs and TPUs accumulate in float32 anyway (XLA's CPU
-        # backend has no kernel for every 16-bit product with a float32 result).
+    if out_dtype is not None and x.dtype == w.dtype == jnp.bfloat16 and dy.dtype != x.dtype:
+        # A widened product (bfloat16 inputs, float32 logits): its gradient comes back in float32, and
+        # a float32 x bfloat16 product runs as a float32 one (TF32 on an NVIDIA GPU, half the bfloat16
+        # rate: a fifth of a 1B Llama's step in its output layer). The cotangent goes to bfloat16
+        # instead, as mixed-precision training does; it keeps float32's exponent range, so the small
+        # per-token gradients of the mean loss do not flush to zero (float16's would: float16 keeps
+        # the float32 cotangent). The results are asked for in bfloat16 too, which GPUs and TPUs
+        # accumulate in float32 anyway (XLA's CPU backend lacks some bfloat16 products with a float32
+        # result). So for this case the gradients equal autodiff's up to bfloat16 rounding of dy.
         dy, out_dtype = dy.astype(x.dtype), None
     dx = jax.lax.dot_general(
         dy,
