@@ -305,13 +305,14 @@ def attend(
     """
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention implementation {impl!r} is not one of {', '.join(ATTENTION_IMPLS)}")
-    if impl == "cudnn" and causal and not softcap and (dropout is None or not dropout.rate):
+    plain = not softcap and (dropout is None or not dropout.rate)  # what every implementation computes
+    if plain and impl == "cudnn" and causal:
         return _cudnn_causal(q_btnh, k_bskh, v_bskh, mask_bts, scale)
-    if impl != "reference" and not softcap and (dropout is None or not dropout.rate):
+    if plain and impl != "reference":
         return jax.nn.dot_product_attention(
             q_btnh, k_bskh, v_bskh, mask=mask_bts[:, None], scale=scale, implementation=impl
         )
-    if not softcap and (dropout is None or not dropout.rate):
+    if plain:
         t = q_btnh.shape[1]
         if not causal or t < 2 * CAUSAL_CHUNK or t % CAUSAL_CHUNK:
             return attention(q_btnh, k_bskh, v_bskh, mask_bts, scale)
