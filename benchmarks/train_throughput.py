@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/train_throughput.py [--rows lm_4x128,...] [--steps 8] [--repeats 1]
         [--json FILE]
 
-Rows (all float32, AdamW at a constant lr, no clipping, one CPU process each side):
+Rows (all float32, AdamW at a constant lr, no clipping, no dropout on either side, one CPU process each side):
   lm_4x128   SmolLM2-135M-Instruct, causal LM on plain text, batch 4 x 128 tokens
   lm_1x1024  the same at batch 1 x 1024
   sft_8x512  SmolLM2, chat SFT (loss on the assistant's turns) packed into rows of 512, batch 8
@@ -186,7 +186,16 @@ def trainer_child(row: Row, steps: int, text: str, workdir: str, out: str) -> No
         )
         jaxtune.save_pretrained(model, start)
         del model
-        model = transformers.AutoModelForSequenceClassification.from_pretrained(start, dtype=torch.float32)
+        # Dropout as jaxtune's run has it (the row's config: none). BERT checkpoints carry 0.1, and
+        # Trainer would otherwise draw masks at four sites per layer that jaxtune does not.
+        rate = config.model.dropout
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(
+            start,
+            dtype=torch.float32,
+            hidden_dropout_prob=rate,
+            attention_probs_dropout_prob=rate,
+            classifier_dropout=rate,
+        )
     else:
         model = transformers.AutoModelForCausalLM.from_pretrained(config.model.path, dtype=torch.float32)
     ends = []

@@ -197,6 +197,41 @@ def test_scale_and_shift_gradients_equal_autodiff(dtype):
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(e, np.float32), rtol=tol, atol=tol)
 
 
+AUTODIFF_ACTIVATIONS = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "silu": jax.nn.silu,
+    "relu": jax.nn.relu,
+}
+
+
+@pytest.mark.parametrize("name", list(AUTODIFF_ACTIVATIONS))
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_activations_and_their_gated_form_equal_autodiff(name, dtype):
+    kx, ku, kc = jax.random.split(jax.random.key(3), 3)
+    x = (3 * jax.random.normal(kx, (4, 6, 16))).astype(dtype)  # tails where erf and tanh saturate
+    u = jax.random.normal(ku, x.shape).astype(dtype)
+    cot = jax.random.normal(kc, x.shape)
+    ref = AUTODIFF_ACTIVATIONS[name]
+
+    def loss(fn):
+        return lambda *a: jnp.sum(fn(*a).astype(jnp.float32) * cot)
+
+    got = (ops.activation(x, name), ops.gated(x, u, name))
+    got += (jax.grad(loss(lambda x: ops.activation(x, name)))(x),)
+    got += jax.grad(loss(lambda g, u: ops.gated(g, u, name)), (0, 1))(x, u)
+    # The truth is autodiff's in float32 on the same inputs: in bfloat16, ours computes the slope in
+    # float32 and rounds once, autodiff rounds at every step (and drifts further from it).
+    x32, u32 = x.astype(jnp.float32), u.astype(jnp.float32)
+    want = (ref(x32), ref(x32) * u32, jax.grad(loss(ref))(x32))
+    want += jax.grad(loss(lambda g, u: ref(g) * u), (0, 1))(x32, u32)
+    # float32: the erf and erfc forms of GELU differ in the last bits; bfloat16: one rounding.
+    tol = 2e-6 if dtype == jnp.float32 else 1e-2
+    for a, e in zip(got, want, strict=True):
+        assert a.dtype == dtype
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(e, np.float32), rtol=tol, atol=tol)
+
+
 def test_attention_flops_count_the_keys_a_token_attends_to():
     shapes = dict(
         hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2, head_dim=16, num_layers=3

@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxtune.models.ops import MASKED, add_features, attention, dense, scale_features
+from jaxtune.models.ops import MASKED, add_features, attention, dense, gated, scale_features
+from jaxtune.models.ops import activation as _activation
 
 # Logical axis names used on parameters. Kept in one place so sharding rules can be checked against it.
 # ``types``: BERT token types; ``labels``: classifier outputs. Both are small and stay replicated.
@@ -195,16 +196,13 @@ class Norm(nnx.Module):
         return scale_features(y.astype(dtype), w)
 
 
-def activation(name: str):
-    """Activation by Hugging Face name."""
-    if name == "silu":
-        return jax.nn.silu
+def activation_name(name: str) -> str:
+    """The activation of a Hugging Face ``hidden_act`` name: ``silu``, ``gelu`` (erf's), ``gelu_tanh`` or
+    ``relu``."""
+    if name in ("silu", "gelu", "relu"):
+        return name
     if name in ("gelu_pytorch_tanh", "gelu_new", "gelu_fast", "gelu_tanh"):
-        return lambda x: jax.nn.gelu(x, approximate=True)
-    if name == "gelu":
-        return lambda x: jax.nn.gelu(x, approximate=False)
-    if name == "relu":
-        return jax.nn.relu
+        return "gelu_tanh"
     raise ValueError(f"activation {name!r} is not supported; use one of silu, gelu, gelu_pytorch_tanh, relu")
 
 
@@ -492,7 +490,7 @@ class MLP(nnx.Module):
 
     def __init__(self, cfg, *, rngs, dtype):
         d, f, init = cfg.hidden_size, cfg.intermediate_size, normal(cfg.init_std)
-        self.act = activation(cfg.activation)
+        self.act_name = activation_name(cfg.activation)
         self.gated = cfg.gated_mlp
         if cfg.gated_mlp:
             self.gate_proj = Linear(d, f, ("embed",), ("mlp",), cfg.mlp_bias, init, rngs=rngs, dtype=dtype)
@@ -501,9 +499,9 @@ class MLP(nnx.Module):
 
     def __call__(self, x_btd, dropout: Dropout | None = None):
         if self.gated:
-            h = self.act(self.gate_proj(x_btd, dropout)) * self.up_proj(x_btd, dropout)
+            h = gated(self.gate_proj(x_btd, dropout), self.up_proj(x_btd, dropout), self.act_name)
         else:
-            h = self.act(self.up_proj(x_btd, dropout))
+            h = _activation(self.up_proj(x_btd, dropout), self.act_name)
         return self.down_proj(h, dropout)
 
 

@@ -123,6 +123,87 @@ def _scale_features_bwd(residuals, dy):
 scale_features.defvjp(_scale_features_fwd, _scale_features_bwd)
 
 
+_SQRT_HALF = math.sqrt(0.5)
+_TANH_C, _TANH_A = math.sqrt(2 / math.pi), 0.044715  # the tanh approximation's constants
+
+
+def _gelu(x):  # erf's GELU as torch writes it (XLA's CPU backend fuses erf into a product; not erfc)
+    return 0.5 * x * (1.0 + jax.lax.erf(x * _SQRT_HALF))
+
+
+def _gelu_slope(x):  # Phi(x) + x phi(x)
+    density = (_SQRT_HALF / math.sqrt(math.pi)) * jnp.exp(-0.5 * x * x)
+    return 0.5 * (1.0 + jax.lax.erf(x * _SQRT_HALF)) + x * density
+
+
+def _gelu_tanh(x):
+    return 0.5 * x * (1.0 + jnp.tanh(_TANH_C * (x + _TANH_A * x**3)))
+
+
+def _gelu_tanh_slope(x):
+    t = jnp.tanh(_TANH_C * (x + _TANH_A * x**3))
+    return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _TANH_C * (1.0 + 3 * _TANH_A * x * x)
+
+
+def _silu_slope(x):
+    s = jax.nn.sigmoid(x)
+    return s * (1.0 + x * (1.0 - s))
+
+
+# name -> (function, its derivative): the activations of the MLPs, by Hugging Face's names.
+_ACTIVATIONS = {
+    "gelu": (_gelu, _gelu_slope),
+    "gelu_tanh": (_gelu_tanh, _gelu_tanh_slope),
+    "silu": (jax.nn.silu, _silu_slope),
+    "relu": (jax.nn.relu, lambda x: (x > 0).astype(x.dtype)),
+}
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def activation(x, name: str):
+    """An MLP's activation, ``gelu`` (erf's), ``gelu_tanh`` (its tanh approximation), ``silu`` or
+    ``relu``, whose backward pass keeps only ``x`` and computes the slope from it (in float32)."""
+    return _ACTIVATIONS[name][0](x)
+
+
+def _activation_fwd(x, name):
+    return activation(x, name), x
+
+
+def _activation_bwd(name, x, dy):
+    # Autodiff keeps the forward's intermediate arrays (erfc's, exp's) as residuals, each as large as
+    # x: a layer of MiniLM wrote four [tokens, 1536] arrays for its GELU, and XLA's CPU backend then
+    # fused the GELU's recomputation into the transposed copy of the down projection's input, a
+    # strided loop that took longer than the MLP's products. One saved input and an elementwise slope
+    # read row-major instead.
+    slope = _ACTIVATIONS[name][1](x.astype(jnp.float32))
+    return ((dy.astype(jnp.float32) * slope).astype(dy.dtype),)
+
+
+activation.defvjp(_activation_fwd, _activation_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def gated(gate, up, name: str):
+    """A gated MLP's hidden state, ``activation(gate, name) * up``, with a backward pass that keeps only
+    ``gate`` and ``up`` (autodiff would also keep the activation's output and its intermediates)."""
+    return _ACTIVATIONS[name][0](gate) * up
+
+
+def _gated_fwd(gate, up, name):
+    return gated(gate, up, name), (gate, up)
+
+
+def _gated_bwd(name, residuals, dy):
+    gate, up = residuals
+    f, slope = _ACTIVATIONS[name]
+    g, u, d = gate.astype(jnp.float32), up.astype(jnp.float32), dy.astype(jnp.float32)
+    return (d * u * slope(g)).astype(gate.dtype), (d * f(g)).astype(up.dtype)
+
+
+gated.defvjp(_gated_fwd, _gated_bwd)
+
+
 # A large finite value rather than -inf keeps fully masked (padding) rows free of NaN.
 MASKED = float(np.finfo(np.float32).min)
 
