@@ -10,11 +10,17 @@ output layer is, tied or not.
 from __future__ import annotations
 
 import functools
+import json
 import math
+import os
+import platform
+import tempfile
 import time
 
 import jax
 import jax.numpy as jnp
+
+from jaxtune import assets
 
 # Dense bfloat16 peak per chip, by device_kind substring (first match wins).
 PEAK_FLOPS = (
@@ -29,11 +35,23 @@ PEAK_FLOPS = (
 )
 
 
-@functools.cache
-def measured_cpu_flops(dtype: str = "float32", n: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of the best of ``repeats`` ``n x n`` matrix products in ``dtype`` (the compute dtype) on this
-    machine's CPU, measured once per process: CPUs differ too much (2x between two machines of this
-    project) for a constant."""
+# The best rate each CPU has shown, by machine, dtype and JAX version: one process's measurement is
+# a lower bound (a busy neighbour on a shared host once read 40% low and put a step at "98% MFU").
+PEAK_FILE = os.path.join(assets.CACHE, "cpu_peak.json")
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _time_matmul(dtype: str, n: int, repeats: int) -> float:
     a = jax.device_put(jnp.ones((n, n), dtype), jax.devices("cpu")[0])
     matmul = jax.jit(lambda x: x @ x)
     matmul(a).block_until_ready()
@@ -43,6 +61,39 @@ def measured_cpu_flops(dtype: str = "float32", n: int = 2048, repeats: int = 5) 
         matmul(a).block_until_ready()
         best = min(best, time.perf_counter() - start)
     return 2.0 * n**3 / best
+
+
+@functools.cache
+def measured_cpu_flops(dtype: str = "float32", n: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of an ``n x n`` matrix product in ``dtype`` (the compute dtype) on this machine's CPU: the
+    best of ``repeats`` timed now (once per process), or the best this machine has shown before
+    (kept in :data:`PEAK_FILE`), whichever is higher. CPUs differ too much (2x between two machines of
+    this project) for a constant, and shared hosts too much from one minute to the next for a single
+    reading."""
+    rate = _time_matmul(dtype, n, repeats)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    key = f"{_cpu_name()} | {cores} cores | jax {jax.__version__} | {dtype} | {n}"
+    try:
+        with open(PEAK_FILE, encoding="utf-8") as f:
+            seen = json.load(f)
+    except (OSError, ValueError):
+        seen = {}
+    best = seen.get(key, 0.0) if isinstance(seen, dict) else 0.0
+    if rate > best:
+        _remember({**(seen if isinstance(seen, dict) else {}), key: rate})
+    return max(rate, best)
+
+
+def _remember(seen: dict) -> None:
+    """Write :data:`PEAK_FILE` whole (a private temporary file, then a rename: processes of one machine
+    may race); a read-only home costs the memory, not the run."""
+    try:
+        os.makedirs(os.path.dirname(PEAK_FILE), exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(PEAK_FILE), delete=False) as f:
+            json.dump(seen, f, indent=1)
+        os.replace(f.name, PEAK_FILE)
+    except OSError:
+        pass
 
 
 GPUS = ("h200", "h100", "a100")
