@@ -9,6 +9,7 @@ output layer is, tied or not.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import json
 import math
@@ -19,6 +20,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import jaxlib
 
 from jaxtune import assets
 
@@ -35,8 +37,8 @@ PEAK_FLOPS = (
 )
 
 
-# The best rate each CPU has shown, by machine, dtype and JAX version: one process's measurement is
-# a lower bound (a busy neighbour on a shared host once read 40% low and put a step at "98% MFU").
+# The best rate each CPU has shown, by machine, dtype, jaxlib and XLA flags: one process's reading
+# is a lower bound (a busy neighbour on a shared host once read 40% low and put a step at "98% MFU").
 PEAK_FILE = os.path.join(assets.CACHE, "cpu_peak.json")
 
 
@@ -72,28 +74,59 @@ def measured_cpu_flops(dtype: str = "float32", n: int = 2048, repeats: int = 5) 
     reading."""
     rate = _time_matmul(dtype, n, repeats)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    key = f"{_cpu_name()} | {cores} cores | jax {jax.__version__} | {dtype} | {n}"
+    # Whatever changes the kernels or the cores they run on: jaxlib (XLA's kernels), XLA_FLAGS.
+    key = (
+        f"{_cpu_name()} | {cores} cores | jaxlib {jaxlib.__version__} | {dtype} | {n} | "
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')}"
+    )
+    return max(rate, _remember(key, rate))
+
+
+def _read_peaks() -> dict:
+    """:data:`PEAK_FILE`'s usable entries: positive finite rates by key (a damaged file counts as empty)."""
     try:
         with open(PEAK_FILE, encoding="utf-8") as f:
             seen = json.load(f)
     except (OSError, ValueError):
-        seen = {}
-    best = seen.get(key, 0.0) if isinstance(seen, dict) else 0.0
-    if rate > best:
-        _remember({**(seen if isinstance(seen, dict) else {}), key: rate})
-    return max(rate, best)
+        return {}
+    if not isinstance(seen, dict):
+        return {}
+    return {
+        k: float(v)
+        for k, v in seen.items()
+        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+    }
 
 
-def _remember(seen: dict) -> None:
-    """Write :data:`PEAK_FILE` whole (a private temporary file, then a rename: processes of one machine
-    may race); a read-only home costs the memory, not the run."""
+def _remember(key: str, rate: float) -> float:
+    """The best rate :data:`PEAK_FILE` holds for ``key`` (0 if none), which becomes ``rate`` if that is
+    higher. The file is read and replaced under a lock (several processes of one machine measure at
+    once) and written whole (a temporary file, then a rename); a cache that cannot be written costs
+    the memory, not the run."""
+    folder = os.path.dirname(PEAK_FILE)
     try:
-        os.makedirs(os.path.dirname(PEAK_FILE), exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(PEAK_FILE), delete=False) as f:
-            json.dump(seen, f, indent=1)
-        os.replace(f.name, PEAK_FILE)
+        os.makedirs(folder, exist_ok=True)
+        lock = open(PEAK_FILE + ".lock", "a")  # held until the file is replaced
     except OSError:
-        pass
+        return _read_peaks().get(key, 0.0)
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        seen = _read_peaks()
+        best = seen.get(key, 0.0)
+        if rate <= best:
+            return best
+        tmp = None
+        try:
+            with tempfile.NamedTemporaryFile(
+                "w", dir=folder, prefix=".cpu_peak-", suffix=".tmp", delete=False
+            ) as f:
+                tmp = f.name
+                json.dump({**seen, key: rate}, f, indent=1)
+            os.replace(tmp, PEAK_FILE)
+        except OSError:
+            if tmp is not None and os.path.exists(tmp):
+                os.unlink(tmp)
+        return best
 
 
 GPUS = ("h200", "h100", "a100")

@@ -1,6 +1,7 @@
 """Performance seams that must not change a result: the dense product's hand-written backward pass
 equals autodiff's, and FSDP divides a full fine-tune's parameters and optimizer state by the devices."""
 
+import json
 import os
 import subprocess
 import sys
@@ -265,21 +266,33 @@ def test_a_run_on_some_of_the_forced_host_devices_has_the_machines_peak():
 
 def test_the_measured_peak_is_the_best_this_machine_has_shown(tmp_path, monkeypatch):
     # One reading on a shared host can be low (it once was 40% low, and a step read 98% MFU).
-    readings = iter([100e9, 50e9, 200e9, 30e9])
-    monkeypatch.setattr(mfu, "PEAK_FILE", str(tmp_path / "cache" / "cpu_peak.json"))
-    monkeypatch.setattr(mfu, "_time_matmul", lambda dtype, n, repeats: next(readings))
+    path = tmp_path / "cache" / "cpu_peak.json"
+    monkeypatch.setattr(mfu, "PEAK_FILE", str(path))
+
+    def measure(reading, dtype="float32"):
+        monkeypatch.setattr(mfu, "_time_matmul", lambda dtype, n, repeats: reading)
+        mfu.measured_cpu_flops.cache_clear()
+        return mfu.measured_cpu_flops(dtype)
+
+    def stored():
+        return sorted(json.loads(path.read_text()).values())
+
     try:
-        got = []
-        for dtype in ("float32", "float32", "float32", "bfloat16"):
-            mfu.measured_cpu_flops.cache_clear()
-            got.append(mfu.measured_cpu_flops(dtype))
-        assert got == [100e9, 100e9, 200e9, 30e9]  # the best so far, per compute dtype
+        got = [measure(r) for r in (100e9, 50e9, 60e9, 200e9)] + [measure(30e9, "bfloat16")]
+        assert got == [100e9, 100e9, 100e9, 200e9, 30e9]  # the best so far, per compute dtype
+        assert stored() == [30e9, 200e9]  # a lower reading never replaced a higher one
+        # A damaged file counts as empty, and the next reading replaces it.
+        for damaged in ("{not json", "[1, 2]", json.dumps({k: "1e12" for k in json.loads(path.read_text())})):
+            path.write_text(damaged)
+            assert measure(70e9) == 70e9
+            assert stored() == [70e9]
+        path.write_text(json.dumps({k: float("inf") for k in json.loads(path.read_text())}))
+        assert measure(80e9) == 80e9  # an infinite peak would read 0% MFU forever
+        assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]  # no stray files
         # A cache that cannot be written (its folder is a file): the reading still counts.
         (tmp_path / "file").write_text("")
         monkeypatch.setattr(mfu, "PEAK_FILE", str(tmp_path / "file" / "cpu_peak.json"))
-        monkeypatch.setattr(mfu, "_time_matmul", lambda dtype, n, repeats: 400e9)
-        mfu.measured_cpu_flops.cache_clear()
-        assert mfu.measured_cpu_flops("float32") == 400e9
+        assert measure(400e9) == 400e9
     finally:
         mfu.measured_cpu_flops.cache_clear()
 

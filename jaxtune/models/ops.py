@@ -1,11 +1,13 @@
 """Operations whose backward pass is written out rather than left to autodiff, for XLA's CPU backend.
 
 Autodiff's backward passes are right, and on accelerators as fast as the forward's; on the CPU the
-way XLA lays out and fuses some of them cost several times the product they belong to (measured in
-benchmarks/README.md). Each operation here computes exactly the forward of the plain ``jax.numpy``
-expression in its docstring and the same gradients (tests/test_performance.py), arranged so that
-every large array is read in the order it is stored. Accelerators get the same code: the arrangement
-is neutral there.
+way XLA lays out and fuses some of them cost several times the product they belong to, and the
+residuals autodiff keeps cost memory traffic (measured in benchmarks/README.md). Each operation here
+computes the forward of the expression in its docstring and autodiff's gradients of it
+(tests/test_performance.py: to float32 rounding; in 16-bit floats, the MLP activations' slopes are
+computed in float32 and rounded once), arranged so that every large array is read in the order it is
+stored and the fewest arrays are kept for the backward pass. Accelerators get the same code: the
+arrangement is neutral there.
 """
 
 from __future__ import annotations
@@ -150,7 +152,8 @@ def _silu_slope(x):
     return s * (1.0 + x * (1.0 - s))
 
 
-# name -> (function, its derivative): the activations of the MLPs, by Hugging Face's names.
+# name -> (function, its derivative): the MLPs' activations (layers.activation_name maps Hugging
+# Face's names to these).
 _ACTIVATIONS = {
     "gelu": (_gelu, _gelu_slope),
     "gelu_tanh": (_gelu_tanh, _gelu_tanh_slope),
@@ -161,8 +164,9 @@ _ACTIVATIONS = {
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def activation(x, name: str):
-    """An MLP's activation, ``gelu`` (erf's), ``gelu_tanh`` (its tanh approximation), ``silu`` or
-    ``relu``, whose backward pass keeps only ``x`` and computes the slope from it (in float32)."""
+    """An MLP's activation of ``x``: ``gelu`` ``0.5 x (1 + erf(x / sqrt(2)))``, ``gelu_tanh`` (its tanh
+    approximation, ``jax.nn.gelu(approximate=True)``), ``silu`` or ``relu``. Its backward pass keeps
+    only ``x`` and computes the slope from it, in float32."""
     return _ACTIVATIONS[name][0](x)
 
 
@@ -177,7 +181,7 @@ def _activation_bwd(name, x, dy):
     # strided loop that took longer than the MLP's products. One saved input and an elementwise slope
     # read row-major instead.
     slope = _ACTIVATIONS[name][1](x.astype(jnp.float32))
-    return ((dy.astype(jnp.float32) * slope).astype(dy.dtype),)
+    return ((dy.astype(jnp.float32) * slope).astype(x.dtype),)
 
 
 activation.defvjp(_activation_fwd, _activation_bwd)
