@@ -49,6 +49,14 @@ def test_unknown_architecture(hf_dir):
     assert "mamba9" in msg and "config.json" in msg and "llama" in msg
 
 
+def test_unsupported_activation(hf_dir):
+    edit_config(hf_dir, hidden_act="quick_gelu")
+    with pytest.raises(jaxtune.errors.ModelError) as e:  # a JaxtuneError: the CLI prints it as one line
+        jaxtune.load_pretrained(str(hf_dir))
+    msg = one_line(e)
+    assert "quick_gelu" in msg and "hidden_act" in msg and "silu" in msg
+
+
 def test_missing_weights(hf_dir):
     (hf_dir / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError) as e:

@@ -1,5 +1,6 @@
-"""Performance seams that must not change a result: the dense product's hand-written backward pass
-equals autodiff's, and FSDP divides a full fine-tune's parameters and optimizer state by the devices."""
+"""Performance seams that must not change a result: the hand-written backward passes (dense products,
+MLP activations, norms, attention, the chunked loss) equal autodiff's, FSDP divides a full fine-tune's
+parameters and optimizer state by the devices, and MFU counts FLOPs and peaks as documented."""
 
 import json
 import os

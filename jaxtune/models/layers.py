@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxtune.errors import ModelError
 from jaxtune.models.ops import MASKED, add_features, attention, dense, gated, scale_features
 from jaxtune.models.ops import activation as _activation
 
@@ -203,7 +204,11 @@ def activation_name(name: str) -> str:
         return name
     if name in ("gelu_pytorch_tanh", "gelu_new", "gelu_fast", "gelu_tanh"):
         return "gelu_tanh"
-    raise ValueError(f"activation {name!r} is not supported; use one of silu, gelu, gelu_pytorch_tanh, relu")
+    raise ModelError(
+        f"config.json's activation {name!r} (hidden_act, hidden_activation, activation or "
+        "activation_function) is not supported; jaxtune runs silu, gelu, gelu_pytorch_tanh (gelu_new, "
+        "gelu_fast) and relu"
+    )
 
 
 def rope_inv_freq(head_dim: int, rope: dict) -> tuple[np.ndarray, float]:

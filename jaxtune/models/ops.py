@@ -138,12 +138,16 @@ def _gelu_slope(x):  # Phi(x) + x phi(x)
     return 0.5 * (1.0 + jax.lax.erf(x * _SQRT_HALF)) + x * density
 
 
+def _tanh_of_cubic(x):  # the tanh approximation's tanh(sqrt(2 / pi) (x + 0.044715 x^3))
+    return jnp.tanh(_TANH_C * (x + _TANH_A * x**3))
+
+
 def _gelu_tanh(x):
-    return 0.5 * x * (1.0 + jnp.tanh(_TANH_C * (x + _TANH_A * x**3)))
+    return 0.5 * x * (1.0 + _tanh_of_cubic(x))
 
 
 def _gelu_tanh_slope(x):
-    t = jnp.tanh(_TANH_C * (x + _TANH_A * x**3))
+    t = _tanh_of_cubic(x)
     return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _TANH_C * (1.0 + 3 * _TANH_A * x * x)
 
 
