@@ -10,6 +10,7 @@ import transformers
 from hf_models import ATOL_EXPORT, ATOL_LOGITS, VARIANTS, batch, hf_logits, make_model
 
 import jaxtune
+from jaxtune.models import layers, ops
 
 
 @pytest.mark.e2e
@@ -146,3 +147,13 @@ def test_xla_attention_matches_transformers_too(variant, tmp_path):
     for options in (CallOptions(attention="xla"), CallOptions(attention="xla", remat="dots")):
         got = np.asarray(model(ids, attention_mask=mask, options=options))
         np.testing.assert_allclose(got[real], want[real], atol=ATOL_LOGITS, rtol=0)
+
+
+@pytest.mark.parametrize("name", sorted(layers._HF_ACTIVATIONS))
+def test_every_activation_name_computes_what_transformers_computes(name):
+    # transformers' own function for the name, on values from the far tails to the middle: a name mapped
+    # to the wrong activation (or approximation) is off by far more than rounding.
+    x = np.linspace(-9, 9, 2001, dtype=np.float32)
+    want = transformers.activations.ACT2FN[name](torch.from_numpy(x)).numpy()
+    got = np.asarray(ops.activation(jnp.asarray(x), layers.activation_name(name)))
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)

@@ -197,18 +197,26 @@ class Norm(nnx.Module):
         return scale_features(y.astype(dtype), w)
 
 
+# transformers' activation names (the keys of its ACT2FN) that jaxtune runs, and what each computes:
+# swish is SiLU, gelu_python erf's GELU written in Python, and the other gelu_* names the tanh
+# approximation written in different ways.
+_HF_ACTIVATIONS = {
+    **{n: "silu" for n in ("silu", "swish")},
+    **{n: "gelu" for n in ("gelu", "gelu_python")},
+    **{n: "gelu_tanh" for n in ("gelu_pytorch_tanh", "gelu_python_tanh", "gelu_new", "gelu_fast")},
+    "relu": "relu",
+}
+
+
 def activation_name(name: str) -> str:
     """The activation of a Hugging Face ``hidden_act`` name: ``silu``, ``gelu`` (erf's), ``gelu_tanh`` or
     ``relu``."""
-    if name in ("silu", "gelu", "relu"):
-        return name
-    if name in ("gelu_pytorch_tanh", "gelu_new", "gelu_fast", "gelu_tanh"):
-        return "gelu_tanh"
-    raise ModelError(
-        f"config.json's activation {name!r} (hidden_act, hidden_activation, activation or "
-        "activation_function) is not supported; jaxtune runs silu, gelu, gelu_pytorch_tanh (gelu_new, "
-        "gelu_fast) and relu"
-    )
+    if name not in _HF_ACTIVATIONS:
+        raise ModelError(
+            f"config.json's activation {name!r} (hidden_act, hidden_activation, activation or "
+            f"activation_function) is not supported; jaxtune runs {', '.join(_HF_ACTIVATIONS)}"
+        )
+    return _HF_ACTIVATIONS[name]
 
 
 def rope_inv_freq(head_dim: int, rope: dict) -> tuple[np.ndarray, float]:
