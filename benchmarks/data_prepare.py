@@ -155,7 +155,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--json", default="")
     args = p.parse_args()
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line), "?")
+    from jaxtune.mfu import cpu_name
+
+    cpu = cpu_name()
     workers = args.workers or max(1, os.cpu_count() - 1)
     print(f"{platform.node()}: {cpu}, {os.cpu_count()} cores; tokenizer workers={workers}")
     results = []

@@ -28,7 +28,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -234,16 +233,6 @@ def trainer_child(row: Row, steps: int, text: str, workdir: str, out: str) -> No
         json.dump({"step_seconds": seconds, "tokens": tokens[2:]}, f)
 
 
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        return next(
-            line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")
-        )
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        return platform.processor() or "unknown"
-
-
 def summary(runs: list[dict]) -> dict:
     seconds = [s for r in runs for s in r["step_seconds"]]
     tokens = [t for r in runs for t in r["tokens"]]
@@ -278,13 +267,13 @@ def main() -> None:
         parser.error(f"unknown row(s) {', '.join(unknown)}; rows are {', '.join(ROWS)}")
     if args.steps < 3:
         parser.error("--steps must be at least 3 (the first two steps are not timed)")
-    from jaxtune import assets
+    from jaxtune import assets, mfu
 
     assets.smollm2()  # convert the GGUF file once, outside every run
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
     results = {
         "date": time.strftime("%Y-%m-%d"),
-        "cpu": cpu_model(),
+        "cpu": mfu.cpu_name(),
         "cores": os.cpu_count(),
         "commit": commit.stdout.strip(),
         "steps": args.steps,

@@ -42,7 +42,9 @@ PEAK_FLOPS = (
 PEAK_FILE = os.path.join(assets.CACHE, "cpu_peak.json")
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``'s, which ``lscpu`` shows): what the peak cache is keyed
+    by and the benchmarks record."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
@@ -76,7 +78,7 @@ def measured_cpu_flops(dtype: str = "float32", n: int = 2048, repeats: int = 5) 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     # Whatever changes the kernels or the cores they run on: jaxlib (XLA's kernels), XLA_FLAGS.
     key = (
-        f"{_cpu_name()} | {cores} cores | jaxlib {jaxlib.__version__} | {dtype} | {n} | "
+        f"{cpu_name()} | {cores} cores | jaxlib {jaxlib.__version__} | {dtype} | {n} | "
         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')}"
     )
     return max(rate, _remember(key, rate))
