@@ -2,6 +2,7 @@
 MLP activations, norms, attention, the chunked loss) equal autodiff's, FSDP divides a full fine-tune's
 parameters and optimizer state by the devices, and MFU counts FLOPs and peaks as documented."""
 
+import functools
 import json
 import os
 import subprocess
@@ -180,23 +181,68 @@ def test_a_rerun_loads_its_compiled_steps_from_the_compilation_cache(text_file, 
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_scale_and_shift_gradients_equal_autodiff(dtype):
-    kx, kw, kc = jax.random.split(jax.random.key(2), 3)
+def test_a_bias_gradient_equals_autodiff(dtype):
+    kx, kb, kc = jax.random.split(jax.random.key(2), 3)
     x = jax.random.normal(kx, (3, 5, 8)).astype(dtype)
-    w = jax.random.normal(kw, (8,)).astype(dtype)
+    b = jax.random.normal(kb, (8,)).astype(dtype)
     cot = jax.random.normal(kc, (3, 5, 8))
 
     def loss(fn):
-        return lambda x, w: jnp.sum(fn(x, w).astype(jnp.float32) * cot)
+        return lambda x, b: jnp.sum(fn(x, b).astype(jnp.float32) * cot)
 
-    got = jax.grad(loss(ops.scale_features), (0, 1))(x, w)
-    want = jax.grad(loss(lambda x, w: x * w), (0, 1))(x, w)
-    got += jax.grad(loss(ops.add_features), (0, 1))(x, w)
-    want += jax.grad(loss(lambda x, b: x + b), (0, 1))(x, w)
+    got = jax.grad(loss(ops.add_features), (0, 1))(x, b)
+    want = jax.grad(loss(lambda x, b: x + b), (0, 1))(x, b)
     tol = 1e-5 if dtype == jnp.float32 else 2e-2
     for a, e in zip(got, want, strict=True):
         assert a.dtype == e.dtype
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(e, np.float32), rtol=tol, atol=tol)
+
+
+def _values_and_gradients_agree(ours, ref, args, argnums, cot, dtype, tol):
+    """``ours(*args)`` and ``ref(*args)`` and their gradients (of the sum against ``cot``) at
+    ``argnums`` are equal to ``tol``, in ``dtype``."""
+
+    def loss(fn):
+        return lambda *a: jnp.sum(fn(*a).astype(jnp.float32) * cot)
+
+    got = (ours(*args), *jax.jit(jax.grad(loss(ours), argnums))(*args))
+    want = (ref(*args), *jax.jit(jax.grad(loss(ref), argnums))(*args))
+    for a, e in zip(got, want, strict=True):
+        assert a.dtype == e.dtype == dtype and a.shape == e.shape
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(e, np.float32), rtol=tol, atol=tol)
+
+
+def _layer_norm_reference(x, w, b, eps):  # as BERT and GPT-2 compute it: float32, cast at the end
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(jnp.square(x32 - mean).mean(-1, keepdims=True) + eps)
+    return (y * w.astype(jnp.float32) + b.astype(jnp.float32)).astype(x.dtype)
+
+
+def _rms_norm_reference(x, w, eps):  # as Llama computes it: normalised in float32, cast, then scaled
+    x32 = x.astype(jnp.float32)
+    return (x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + eps)).astype(x.dtype) * w
+
+
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_the_norms_equal_autodiff_of_their_formulas(kind, dtype):
+    kx, kw, kb, kc = jax.random.split(jax.random.key(5), 4)
+    x = (2 + 3 * jax.random.normal(kx, (3, 5, 16))).astype(dtype)  # an offset: the mean matters
+    w = (1 + jax.random.normal(kw, (16,))).astype(dtype)
+    b = jax.random.normal(kb, (16,)).astype(dtype)
+    cot = jax.random.normal(kc, x.shape)
+    eps = 1e-5
+    ours, ref = {
+        "layer": (
+            lambda x, w, b: ops.layer_norm(x, w, b, eps),
+            lambda x, w, b: _layer_norm_reference(x, w, b, eps),
+        ),
+        "rms": (lambda x, w, b: ops.rms_norm(x, w, eps), lambda x, w, b: _rms_norm_reference(x, w, eps)),
+    }[kind]
+    argnums = (0, 1, 2) if kind == "layer" else (0, 1)
+    tol = 2e-5 if dtype == jnp.float32 else 2e-2
+    _values_and_gradients_agree(ours, ref, (x, w, b), argnums, cot, dtype, tol)
 
 
 AUTODIFF_ACTIVATIONS = {
@@ -232,6 +278,28 @@ def test_activations_and_their_gated_form_equal_autodiff(name, dtype):
     for a, e in zip(got, want, strict=True):
         assert a.dtype == dtype
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(e, np.float32), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("name", ["gelu", "silu"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_the_mlp_down_projection_equals_its_activation_then_its_product(gated, name, dtype):
+    # mlp_down recomputes the hidden state in its backward pass instead of keeping it: the values and
+    # gradients are those of the activation (or its gated form) and the product, taken in turn.
+    ku, kg, kw, kc = jax.random.split(jax.random.key(4), 4)
+    up = (3 * jax.random.normal(ku, (3, 5, 16))).astype(dtype)
+    gate = (3 * jax.random.normal(kg, up.shape)).astype(dtype) if gated else None
+    w = jax.random.normal(kw, (16, 8)).astype(dtype)
+    cot = jax.random.normal(kc, (3, 5, 8))
+
+    def in_turn(up, gate, w):
+        h = ops.activation(up, name) if gate is None else ops.gated(gate, up, name)
+        return ops.dense(h, w, 1)
+
+    fused = functools.partial(ops.mlp_down, name=name)
+    argnums = (0, 1, 2) if gated else (0, 2)
+    tol = 1e-6 if dtype == jnp.float32 else 1e-2
+    _values_and_gradients_agree(fused, in_turn, (up, gate, w), argnums, cot, dtype, tol)
 
 
 def test_attention_flops_count_the_keys_a_token_attends_to():

@@ -20,7 +20,16 @@ import numpy as np
 from flax import nnx
 
 from jaxtune.errors import ModelError
-from jaxtune.models.ops import MASKED, add_features, attention, dense, gated, scale_features
+from jaxtune.models.ops import (
+    MASKED,
+    add_features,
+    attention,
+    dense,
+    gated,
+    layer_norm,
+    mlp_down,
+    rms_norm,
+)
 from jaxtune.models.ops import activation as _activation
 
 # Logical axis names used on parameters. Kept in one place so sharding rules can be checked against it.
@@ -180,21 +189,15 @@ class Norm(nnx.Module):
             self.bias = param(rngs, zeros, (dim,), names, dtype)
 
     def __call__(self, x):
-        dtype = x.dtype
-        x = x.astype(jnp.float32)
         w = self.weight[...]
         if self.kind == "layer":
-            mean = x.mean(-1, keepdims=True)
-            var = jnp.square(x - mean).mean(-1, keepdims=True)
-            y = (x - mean) * jax.lax.rsqrt(var + self.eps)
-            y = scale_features(y, w.astype(jnp.float32))
-            return add_features(y, self.bias[...].astype(jnp.float32)).astype(dtype)
-        y = x * jax.lax.rsqrt(jnp.square(x).mean(-1, keepdims=True) + self.eps)
-        if self.kind == "rms_one":
-            # Gemma scales in float32, then casts.
-            return (y * (1.0 + w.astype(jnp.float32))).astype(dtype)
-        # Llama casts the normalised activations back first, then scales in the weight dtype.
-        return scale_features(y.astype(dtype), w)
+            return layer_norm(x, w, self.bias[...], self.eps)
+        if self.kind == "rms":  # Llama casts the normalised activations back, then scales
+            return rms_norm(x, w, self.eps)
+        # Gemma scales in float32, then casts.
+        y = x.astype(jnp.float32)
+        y = y * jax.lax.rsqrt(jnp.square(y).mean(-1, keepdims=True) + self.eps)
+        return (y * (1.0 + w.astype(jnp.float32))).astype(x.dtype)
 
 
 # transformers' activation names (the keys of its ACT2FN) that jaxtune runs, and what each computes:
@@ -487,15 +490,17 @@ class Linear(nnx.Module):
             self.bias = param(rngs, zeros, out_shape, out_names, dtype)
 
     def __call__(self, x, dropout: Dropout | None = None):
-        y = dense(x, self.kernel[...], self.n_in)
-        if hasattr(self, "bias"):
-            y = add_features(y, self.bias[...])
+        y = self.biased(dense(x, self.kernel[...], self.n_in))
         if hasattr(self, "lora_a"):
             if dropout is not None:
                 x = dropout.adapter(x, self.lora_site, self.lora_dropout)
             h = dense(x, self.lora_a[...].astype(x.dtype), self.n_in)
             y = y + self.lora_scale * dense(h, self.lora_b[...].astype(x.dtype), 1)
         return y
+
+    def biased(self, y):
+        """The product ``y`` of this layer's kernel, plus its bias if it has one."""
+        return add_features(y, self.bias[...]) if hasattr(self, "bias") else y
 
 
 class MLP(nnx.Module):
@@ -511,11 +516,12 @@ class MLP(nnx.Module):
         self.down_proj = Linear(f, d, ("mlp",), ("embed",), cfg.mlp_bias, init, rngs=rngs, dtype=dtype)
 
     def __call__(self, x_btd, dropout: Dropout | None = None):
-        if self.gated:
-            h = gated(self.gate_proj(x_btd, dropout), self.up_proj(x_btd, dropout), self.act_name)
-        else:
-            h = _activation(self.up_proj(x_btd, dropout), self.act_name)
-        return self.down_proj(h, dropout)
+        gate = self.gate_proj(x_btd, dropout) if self.gated else None
+        up, down = self.up_proj(x_btd, dropout), self.down_proj
+        if hasattr(down, "lora_a"):  # the adapter reads the hidden state too
+            h = _activation(up, self.act_name) if gate is None else gated(gate, up, self.act_name)
+            return down(h, dropout)
+        return down.biased(mlp_down(up, gate, down.kernel[...], self.act_name))
 
 
 def default_positions(attention_mask_bt, segment_ids_bt, b: int, t: int):

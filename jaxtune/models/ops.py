@@ -55,7 +55,9 @@ def _dense_bwd(n_in, out_dtype, residuals, dy):
     # Autodiff's weight gradient contracts the batch dimensions of x and dy in place, and XLA's CPU
     # backend then lays dy out transposed, fusing the elementwise work that made it (an activation's
     # backward) into a strided loop that ran 3-10x slower than the product itself. Transposing x, a
-    # plain copy of a saved input, makes it an ordinary [in, tokens] x [tokens, out] product.
+    # plain copy of a saved input, makes it an ordinary [in, tokens] x [tokens, out] product. Both
+    # go in as matrices (tokens, features): XLA's CPU backend transposes a 2-D array with a faster
+    # loop than a 3-D one, and fuses an MLP's recomputed hidden state into it (mlp_down).
     x, w = residuals
     lead = x.ndim - n_in
     if out_dtype is not None and x.dtype == w.dtype == jnp.bfloat16 and dy.dtype != x.dtype:
@@ -74,28 +76,21 @@ def _dense_bwd(n_in, out_dtype, residuals, dy):
         ((tuple(range(lead, dy.ndim)), tuple(range(n_in, w.ndim))), ((), ())),
         preferred_element_type=out_dtype,
     )
-    x_t = jnp.transpose(x, tuple(range(lead, x.ndim)) + tuple(range(lead)))
-    dw = jax.lax.dot_general(
-        x_t,
-        dy,
-        ((tuple(range(n_in, x.ndim)), tuple(range(lead))), ((), ())),
-        preferred_element_type=out_dtype,
-    )
+    rows = math.prod(x.shape[:lead])
+    x_t = x.reshape(rows, -1).T
+    dw = jnp.dot(x_t, dy.reshape(rows, -1), preferred_element_type=out_dtype).reshape(w.shape)
     return dx.astype(x.dtype), dw.astype(w.dtype)
 
 
 dense.defvjp(_dense_fwd, _dense_bwd)
 
 
-@jax.custom_vjp
-def scale_features(x, w):
-    """``x * w``: ``x`` [..., f...] times a weight ``w`` [f...] (its trailing axes) of the same dtype."""
-    return x * w
-
-
 def _token_sum(dy, shape, dtype):
     """``dy`` summed over its leading axes down to ``shape`` (its trailing axes), as a matrix-vector
-    product with ones (see scale_features)."""
+    product with ones: the gradient of a bias or a norm's scale."""
+    # XLA's CPU backend ran this reduction over every token (fused with its elementwise input) at a
+    # fraction of memory speed: 7 ms a layer at 1024 tokens of SmolLM2. As a matrix-vector product
+    # with ones it runs at memory speed.
     rows = dy.reshape(-1, math.prod(shape))
     ones = jnp.ones((rows.shape[0],), rows.dtype)
     return jnp.dot(ones, rows, preferred_element_type=jnp.float32).reshape(shape).astype(dtype)
@@ -110,19 +105,65 @@ def add_features(x, b):
 add_features.defvjp(lambda x, b: (x + b, b), lambda b, dy: (dy, _token_sum(dy, b.shape, b.dtype)))
 
 
-def _scale_features_fwd(x, w):
-    return x * w, (x, w)
+# The norms below keep their input and its statistics for the backward pass, and recompute the
+# normalised activations there. Autodiff kept two arrays as large as the input: the centred input
+# (or the input) for the statistics' gradient and the normalised activations for the scale's; in
+# the scan's stacks each is written in the forward pass and read back in the backward one, which on
+# the CPU cost more than recomputing them (benchmarks/README.md).
 
 
-def _scale_features_bwd(residuals, dy):
-    # The weight's gradient sums dy * x over every token. XLA's CPU backend ran that reduction (fused
-    # with its elementwise input) at a fraction of memory speed: 7 ms a layer at 1024 tokens of
-    # SmolLM2. As a product with a vector of ones it is a matrix-vector product, at memory speed.
-    x, w = residuals
-    return dy * w, _token_sum(dy * x, w.shape, w.dtype)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def layer_norm(x, w, b, eps: float):
+    """LayerNorm over the last axis, in float32 whatever ``x``'s dtype: ``(x - mean) / sqrt(var + eps)
+    * w + b``, cast back to ``x``'s dtype, with autodiff's gradients."""
+    return _layer_norm_fwd(x, w, b, eps)[0]
 
 
-scale_features.defvjp(_scale_features_fwd, _scale_features_bwd)
+def _layer_norm_fwd(x, w, b, eps):
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    rstd = jax.lax.rsqrt(jnp.square(x32 - mean).mean(-1, keepdims=True) + eps)
+    y = (x32 - mean) * rstd * w.astype(jnp.float32) + b.astype(jnp.float32)
+    return y.astype(x.dtype), (x, mean, rstd, w, b)
+
+
+def _layer_norm_bwd(eps, residuals, dy):
+    x, mean, rstd, w, b = residuals
+    normed = (x.astype(jnp.float32) - mean) * rstd
+    d = dy.astype(jnp.float32)
+    g = d * w.astype(jnp.float32)
+    dx = rstd * (g - g.mean(-1, keepdims=True) - normed * (g * normed).mean(-1, keepdims=True))
+    return dx.astype(x.dtype), _token_sum(d * normed, w.shape, w.dtype), _token_sum(d, b.shape, b.dtype)
+
+
+layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def rms_norm(x, w, eps: float):
+    """RMSNorm over the last axis as Llama computes it: ``x / sqrt(mean(x^2) + eps)`` in float32, cast
+    back to ``x``'s dtype, then times ``w`` (of that dtype), with autodiff's gradients."""
+    return _rms_norm_fwd(x, w, eps)[0]
+
+
+def _rms_normed(x, rstd):
+    return x.astype(jnp.float32) * rstd
+
+
+def _rms_norm_fwd(x, w, eps):
+    rstd = jax.lax.rsqrt(jnp.square(x.astype(jnp.float32)).mean(-1, keepdims=True) + eps)
+    return _rms_normed(x, rstd).astype(x.dtype) * w, (x, rstd, w)
+
+
+def _rms_norm_bwd(eps, residuals, dy):
+    x, rstd, w = residuals
+    normed = _rms_normed(x, rstd)
+    g = (dy * w).astype(jnp.float32)
+    dx = rstd * (g - normed * (g * normed).mean(-1, keepdims=True))
+    return dx.astype(x.dtype), _token_sum(dy * normed.astype(x.dtype), w.shape, w.dtype)
+
+
+rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)
 
 
 _SQRT_HALF = math.sqrt(0.5)
@@ -210,6 +251,39 @@ def _gated_bwd(name, residuals, dy):
 
 
 gated.defvjp(_gated_fwd, _gated_bwd)
+
+
+def _hidden(up, gate, name):
+    f = _ACTIVATIONS[name][0]
+    return f(up) if gate is None else f(gate) * up
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def mlp_down(up, gate, w, name: str):
+    """An MLP's down projection of its hidden state: ``dense(activation(up, name), w, 1)``, or with a
+    ``gate`` ``dense(gated(gate, up, name), w, 1)``. The same values and gradients as those two
+    operations in turn, but the hidden state is not kept for the backward pass: it is recomputed there
+    from ``up`` (and ``gate``), which are kept anyway for the activation's slope."""
+    return _dense(_hidden(up, gate, name), w, 1, None)
+
+
+def _mlp_down_fwd(up, gate, w, name):
+    return mlp_down(up, gate, w, name), (up, gate, w)
+
+
+def _mlp_down_bwd(name, residuals, dy):
+    # Keeping the hidden state cost one more [tokens, intermediate] array a layer in the scan's
+    # stacks, written in the forward pass and read back here (the largest residual of a layer with
+    # an ungated MLP): recomputing it, elementwise, is cheaper on the CPU (benchmarks/README.md).
+    up, gate, w = residuals
+    d_hidden, dw = _dense_bwd(1, None, (_hidden(up, gate, name), w), dy)
+    if gate is None:
+        return _activation_bwd(name, up, d_hidden)[0], None, dw
+    d_gate, d_up = _gated_bwd(name, (gate, up), d_hidden)
+    return d_up, d_gate, dw
+
+
+mlp_down.defvjp(_mlp_down_fwd, _mlp_down_bwd)
 
 
 # A large finite value rather than -inf keeps fully masked (padding) rows free of NaN.
