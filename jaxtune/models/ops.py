@@ -55,9 +55,11 @@ def _dense_bwd(n_in, out_dtype, residuals, dy):
     # Autodiff's weight gradient contracts the batch dimensions of x and dy in place, and XLA's CPU
     # backend then lays dy out transposed, fusing the elementwise work that made it (an activation's
     # backward) into a strided loop that ran 3-10x slower than the product itself. Transposing x, a
-    # plain copy of a saved input, makes it an ordinary [in, tokens] x [tokens, out] product. Both
-    # go in as matrices (tokens, features): XLA's CPU backend transposes a 2-D array with a faster
-    # loop than a 3-D one, and fuses an MLP's recomputed hidden state into it (mlp_down).
+    # plain copy of a saved input, makes it an ordinary [in, tokens] x [tokens, out] product. x goes
+    # in as a matrix [tokens, in]: XLA's CPU backend then reads it transposed inside the product
+    # instead of copying it transposed out of the scan's stack first (benchmarks/README.md). dy keeps
+    # its output axes, so a tensor-parallel heads axis inside a fused qkv's (3, heads, head_dim)
+    # stays an axis of its own for the partitioner.
     x, w = residuals
     lead = x.ndim - n_in
     if out_dtype is not None and x.dtype == w.dtype == jnp.bfloat16 and dy.dtype != x.dtype:
@@ -77,9 +79,10 @@ def _dense_bwd(n_in, out_dtype, residuals, dy):
         preferred_element_type=out_dtype,
     )
     rows = math.prod(x.shape[:lead])
-    x_t = x.reshape(rows, -1).T
-    dw = jnp.dot(x_t, dy.reshape(rows, -1), preferred_element_type=out_dtype).reshape(w.shape)
-    return dx.astype(x.dtype), dw.astype(w.dtype)
+    x_t = x.reshape(rows, math.prod(x.shape[lead:])).T
+    dy_rows = dy.reshape(rows, *dy.shape[lead:])
+    dw = jax.lax.dot_general(x_t, dy_rows, (((1,), (0,)), ((), ())), preferred_element_type=out_dtype)
+    return dx.astype(x.dtype), dw.reshape(w.shape).astype(w.dtype)
 
 
 dense.defvjp(_dense_fwd, _dense_bwd)
