@@ -122,17 +122,21 @@ def layer_norm(x, w, b, eps: float):
     return _layer_norm_fwd(x, w, b, eps)[0]
 
 
+def _layer_normed(x, mean, rstd):
+    return (x.astype(jnp.float32) - mean) * rstd
+
+
 def _layer_norm_fwd(x, w, b, eps):
     x32 = x.astype(jnp.float32)
     mean = x32.mean(-1, keepdims=True)
     rstd = jax.lax.rsqrt(jnp.square(x32 - mean).mean(-1, keepdims=True) + eps)
-    y = (x32 - mean) * rstd * w.astype(jnp.float32) + b.astype(jnp.float32)
+    y = _layer_normed(x, mean, rstd) * w.astype(jnp.float32) + b.astype(jnp.float32)
     return y.astype(x.dtype), (x, mean, rstd, w, b)
 
 
 def _layer_norm_bwd(eps, residuals, dy):
     x, mean, rstd, w, b = residuals
-    normed = (x.astype(jnp.float32) - mean) * rstd
+    normed = _layer_normed(x, mean, rstd)
     d = dy.astype(jnp.float32)
     g = d * w.astype(jnp.float32)
     dx = rstd * (g - g.mean(-1, keepdims=True) - normed * (g * normed).mean(-1, keepdims=True))
@@ -210,12 +214,18 @@ _ACTIVATIONS = {
 }
 
 
+def _hidden(up, gate, name):
+    """An MLP's hidden state: ``activation(up)``, or with a ``gate`` ``activation(gate) * up``."""
+    f = _ACTIVATIONS[name][0]
+    return f(up) if gate is None else f(gate) * up
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def activation(x, name: str):
     """An MLP's activation of ``x``: ``gelu`` ``0.5 x (1 + erf(x / sqrt(2)))``, ``gelu_tanh`` (its tanh
     approximation, ``jax.nn.gelu(approximate=True)``), ``silu`` or ``relu``. Its backward pass keeps
     only ``x`` and computes the slope from it, in float32."""
-    return _ACTIVATIONS[name][0](x)
+    return _hidden(x, None, name)
 
 
 def _activation_fwd(x, name):
@@ -239,7 +249,7 @@ activation.defvjp(_activation_fwd, _activation_bwd)
 def gated(gate, up, name: str):
     """A gated MLP's hidden state, ``activation(gate, name) * up``, with a backward pass that keeps only
     ``gate`` and ``up`` (autodiff would also keep the activation's output and its intermediates)."""
-    return _ACTIVATIONS[name][0](gate) * up
+    return _hidden(up, gate, name)
 
 
 def _gated_fwd(gate, up, name):
@@ -254,11 +264,6 @@ def _gated_bwd(name, residuals, dy):
 
 
 gated.defvjp(_gated_fwd, _gated_bwd)
-
-
-def _hidden(up, gate, name):
-    f = _ACTIVATIONS[name][0]
-    return f(up) if gate is None else f(gate) * up
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
