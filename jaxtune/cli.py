@@ -230,13 +230,20 @@ def run(body, *args) -> int:
 
 
 def main(
-    p, body, argv=None, with_config: bool = False, multihost: bool = False, compilation_cache: bool = True
+    p,
+    body,
+    argv=None,
+    with_config: bool = False,
+    multihost: bool = False,
+    compilation_cache: bool = True,
+    trains: bool = False,
 ) -> int:
     """Parse ``argv`` with ``p`` (for ``with_config`` commands also the ``--config.KEY`` overrides into
     ``args.config``, a ConfigDict, and its ``train.compilation_cache_dir`` in use unless
     ``compilation_cache`` is False), log to the console, join the multi-process runtime (``multihost``
-    commands: see :mod:`jaxtune.distributed`), run ``body(args)``; return the exit status."""
-    from jaxtune import distributed
+    commands: see :mod:`jaxtune.distributed`), run ``body(args)``; return the exit status. Commands
+    that ``trains`` get their config's ``train.keep_host_memory`` (:func:`jaxtune.hostmem.prepare`)."""
+    from jaxtune import distributed, hostmem
 
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
@@ -247,6 +254,8 @@ def main(
             args.config = load_config(args.config, rest)
             if compilation_cache:
                 use_compilation_cache(args.config.train.compilation_cache_dir)
+            if trains and args.config.train.keep_host_memory:
+                hostmem.prepare()  # before JAX's runtime starts
         else:
             args = p.parse_args(argv)
     except (JaxtuneError, OSError) as e:

@@ -211,7 +211,7 @@ def main(argv=None) -> int:
         if out is not None:
             print(table(out))
 
-    return cli.main(p, body, argv, with_config=True, multihost=True)
+    return cli.main(p, body, argv, with_config=True, multihost=True, trains=True)
 
 
 if __name__ == "__main__":

@@ -4,8 +4,9 @@
 Metrics are fetched one step late, so the device is never idle waiting for the host. A step's time is
 the wall time since the clock was last read; compiling, evaluating and saving restart the clock, so
 none of them counts as a step's time. Before an eval or a save the last two steps are reported
-together: a backend that runs a step while dispatching it (the CPU) has finished both, and their time
-is shared in proportion to their FLOPs.
+together, their time shared in proportion to their FLOPs. Where a step runs inside its dispatch (one
+CPU device: jaxtune.hostmem), it has ended when it is recorded, so it is reported at once, with its
+own time.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ class StepMeter:
     ``peak``: the FLOP/s of all devices (0: no MFU); ``writer``: a MetricsWriter; ``bar``: a tqdm bar
     (or None).
     ``measured``: the peak was measured on this machine (a CPU), so it is a lower bound of the true
-    one: a step that runs faster raises it, and MFU never reads above 100%."""
+    one: a step that runs faster raises it, and MFU never reads above 100%.
+    ``inline``: a step has run by the time it is recorded (see the module's doc)."""
 
     def __init__(
         self,
@@ -45,8 +47,9 @@ class StepMeter:
         bar=None,
         clock=time.perf_counter,
         measured: bool = False,
+        inline: bool = False,
     ):
-        self.measured = measured
+        self.measured, self.inline = measured, inline
         self.cost, self.peak, self.log_every, self.total = cost, peak, log_every, total
         self.writer, self.bar, self.clock = writer, bar, clock
         self.started = clock()
@@ -63,9 +66,9 @@ class StepMeter:
 
     def step(self, step: int, metrics, length: int, flush: bool = False) -> None:
         """Record a dispatched step. The step before it is reported now; with ``flush`` (an eval, a save
-        or the end comes next) this one is too. Raises NonFiniteLoss."""
+        or the end comes next) or ``inline`` this one is too. Raises NonFiniteLoss."""
         current = (step, metrics, length)
-        if flush:
+        if flush or self.inline:
             done = [p for p in (self.pending, current) if p is not None]
             self.pending = None
             self._report(done)

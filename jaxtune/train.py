@@ -19,7 +19,20 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxtune import checkpoint, cli, data, evaluators, finish, fs, mfu, optim, pretrained, sharding, steps
+from jaxtune import (
+    checkpoint,
+    cli,
+    data,
+    evaluators,
+    finish,
+    fs,
+    hostmem,
+    mfu,
+    optim,
+    pretrained,
+    sharding,
+    steps,
+)
 from jaxtune.best import BestTracker
 from jaxtune.config import validate
 from jaxtune.data.loader import Batches
@@ -189,6 +202,7 @@ class Run:
             raise
         finally:
             self.batches.close()  # streaming's tokenizer processes
+            hostmem.release()  # the steps' working memory back to the kernel: export and samples follow
         ckpt.wait()
         ckpt.close()
         writer.close()
@@ -268,8 +282,16 @@ class _Parts:
         config = run.config
         self.policy = checkpoint.SavePolicy(config.checkpoint.every_steps, run.total)
         measured = mfu.peak_is_measured(config.train.peak_tflops)
+        inline = hostmem.runs_inline(run.plan.mesh.devices)
         self.meter = StepMeter(
-            run._cost, run.peak, config.train.log_every, run.total, writer, bar, measured=measured
+            run._cost,
+            run.peak,
+            config.train.log_every,
+            run.total,
+            writer,
+            bar,
+            measured=measured,
+            inline=inline,
         )
         self.evaluator = evaluators.make(config, run.plan, run.eval_rows, run.labels, writer, run.workdir)
         self.finite = jax.jit(steps.all_finite)
@@ -293,7 +315,15 @@ class _Parts:
             took = time.perf_counter() - t0
             self.meter.exclude(took)  # compilation is not a step's time
             log.info("train step compiled in %.1f s (rows of %d tokens)", took, length)
+            self._keep_memory(self.executables[length])
         return self.executables[length]
+
+    def _keep_memory(self, executable) -> None:
+        """Where a step runs inside its dispatch (one CPU device), its working memory stays in the
+        process between steps (train.keep_host_memory; jaxtune.hostmem)."""
+        memory = executable.memory_analysis()
+        if self.run.config.train.keep_host_memory and self.meter.inline and memory is not None:
+            hostmem.keep(memory.temp_size_in_bytes)
 
     def measure(self, step: int, step_metrics, batch: dict, flush: bool) -> None:
         self.running = step_metrics
@@ -347,7 +377,11 @@ def _merged(graphdef, state, frozen):
 def main(argv=None) -> int:
     p = cli.parser("train", __doc__)
     cli.add_run_arguments(p)
-    return cli.main(p, lambda args: run(args.config, args.workdir), argv, with_config=True, multihost=True)
+
+    def body(args):
+        return run(args.config, args.workdir)
+
+    return cli.main(p, body, argv, with_config=True, multihost=True, trains=True)
 
 
 if __name__ == "__main__":

@@ -384,6 +384,7 @@ def test_sigterm_saves_and_exits_zero_then_the_run_resumes(text_file, tmp_path):
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
     assert "SIGTERM" in out
+    assert "working memory stays in the process" in out  # jaxtune.hostmem, on this CPU
     done = max(losses(workdir))
     assert checkpoint.Checkpoints(str(workdir)).latest() == done
     # The continuation: same config, same workdir; it picks up at the saved step.
