@@ -9,16 +9,16 @@ resident.
 
 That holds only if each step's block is freed before the next step's is allocated, by the thread that
 allocates it: by default XLA runs a step on its own threads and frees the block a moment after the
-results are ready, so the next step, dispatched then, gets a second block beside the first, and a
-worker thread's malloc arena cannot hold a large block at all (it maps it on its own whatever the
-settings; measured: 2 to 8 blocks resident after a dozen steps of a 100 MB block). So on the CPU a step
-runs in the thread that calls it (JAX's ``jax_cpu_enable_async_dispatch`` off, before its runtime
-starts): allocation and free happen there, one after the other, in the main heap. Most often every
-step then gets the same block back; sometimes a small allocation placed above a freed block leaves its
-hole a little short of the next (aligned) request, and two blocks alternate (measured on a 100 MB
-block: one run in six). Either way no step faults its block in once that has settled, and the process
-holds at most one block more than the step needs. Host work no longer overlaps a step, which on a CPU
-shares its cores anyway.
+results are ready, so the next step, dispatched then, often gets a second block beside the first; and
+a worker thread's malloc arena cannot hold a large block at all, so glibc maps it on its own whatever
+it is told. (With glibc's settings and one arena for every thread, a 100 MB block still came to 2 to 8
+blocks resident over a dozen steps.) So on the CPU a step runs in the thread that calls it (JAX's
+``jax_cpu_enable_async_dispatch`` off, before its runtime starts): allocation and free happen there,
+one after the other, in the main heap. Most often every step then gets the same block back; sometimes
+a small allocation placed above a freed block leaves its hole a little short of the next (aligned)
+request, and two blocks alternate (measured on a 100 MB block: one run in six). Either way no step
+faults its block in once that has settled, and the process holds at most one block more than the step
+needs. Host work no longer overlaps a step, which on a CPU shares its cores anyway.
 """
 
 from __future__ import annotations
