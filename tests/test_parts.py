@@ -94,6 +94,29 @@ def test_step_meter_reports_one_step_late_and_shares_time_before_an_eval_by_flop
     assert meter.last == (4, 1.0) and all(0 < r["mfu"] < 1 for r in rows.rows)
 
 
+def test_an_inline_step_is_reported_at_once_with_its_own_time():
+    # One CPU device with async dispatch off (jaxtune.hostmem): a step has run when it is recorded.
+    clock, rows = Clock(), Rows()
+    cost = lambda length: (10 * length, 1000.0 * length)  # noqa: E731 (tokens, FLOPs)
+    meter = StepMeter(cost, peak=1e6, log_every=1, total=10, writer=rows, clock=clock, inline=True)
+    clock.now = 2.0
+    meter.step(1, step_metrics(), 8)
+    assert [r["step"] for r in rows.rows] == [1]  # not one step late
+    assert rows.rows[0]["step_seconds"] == pytest.approx(2.0)
+    clock.now = 5.0
+    meter.step(2, step_metrics(), 24, flush=True)  # an eval comes next: nothing left to share with
+    assert [r["step"] for r in rows.rows] == [1, 2]
+    assert rows.rows[1]["step_seconds"] == pytest.approx(3.0)
+    assert rows.rows[1]["tokens_per_second"] == pytest.approx(240 / 3.0)
+    clock.now = 9.0
+    meter.restart()  # the eval's time is no step's
+    meter.exclude(0.5)  # nor a compile's
+    clock.now = 11.0
+    meter.step(3, step_metrics(), 8)
+    assert rows.rows[-1]["step_seconds"] == pytest.approx(1.5)
+    assert meter.pending is None and meter.last == (3, 1.0)
+
+
 def test_step_meter_counts_the_real_tokens_of_a_step_not_its_padding():
     clock, rows = Clock(), Rows()
     cost = lambda length: (10 * length, 1000.0 * length)  # noqa: E731 (padded tokens, FLOPs)
