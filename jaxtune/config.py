@@ -114,8 +114,9 @@ def defaults() -> ml_collections.ConfigDict:
         # JAX's persistent compilation cache: compiled steps are kept here and a rerun, a resume or
         # the next fold loads them instead of compiling again; "" = off
         compilation_cache_dir="",
-        # on a CPU, each step's working memory stays in the process instead of going back to the kernel,
-        # which zeroes it again every step (jaxtune.hostmem; glibc; where three such blocks fit in memory)
+        # on a CPU, `python -m jaxtune.train` and `jaxtune.crossval` keep each step's working memory in
+        # the process instead of handing it back to the kernel, which zeroes it again every step
+        # (jaxtune.hostmem; glibc, one device; where three such blocks fit in memory)
         keep_host_memory=True,
         # after SIGTERM / Ctrl-C, exit anyway (non-zero, no new checkpoint) if the step and its save are
         # not done within this many seconds; 0 = wait as long as they take

@@ -18,7 +18,9 @@ one after the other, in the main heap. Most often every step then gets the same 
 a small allocation placed above a freed block leaves its hole a little short of the next (aligned)
 request, and two blocks alternate (measured on a 100 MB block: one run in six). Either way no step
 faults its block in once that has settled, and the process holds at most one block more than the step
-needs. Host work no longer overlaps a step, which on a CPU shares its cores anyway.
+needs, as long as nothing larger is allocated between steps (what an eval or a save takes then also
+stays in the process until release()). Host work no longer overlaps a step, which on a CPU shares its
+cores anyway.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ _NEVER = 2**31 - 1  # mallopt takes an int
 # freed block and the next step's is placed beside it.
 FIT = 3
 
-_state = {"kept": False}
+_state = {"kept": False, "block": 0}  # the largest block kept so far
 
 
 def _glibc():
@@ -62,11 +64,26 @@ def _cpu_only() -> bool:
     return not any(glob.glob(pattern) for pattern in devices)
 
 
+def _runtime_started() -> bool:
+    """Whether JAX's backends exist already (then the dispatch setting no longer reaches them). JAX
+    has no public call for this; without its private one, assume not."""
+    try:
+        from jax._src import xla_bridge
+
+        return bool(xla_bridge.backends_are_initialized())
+    except (ImportError, AttributeError):
+        return False
+
+
 def prepare() -> bool:
     """Before JAX's runtime starts (a command's first step), on a CPU: a step runs in the thread that
     calls it (see the module's doc), so that :func:`keep` can take effect later. Nothing changes on
-    an accelerator or without glibc."""
+    an accelerator, without glibc, or once the runtime has started (a config that touched it)."""
     if _glibc() is None or not _cpu_only():
+        return False
+    if _runtime_started():
+        # (a library caller's process, a test's: a command's config does not start it)
+        log.debug("JAX's runtime started before the run: each step's working memory goes back to the kernel")
         return False
     import jax
 
@@ -84,28 +101,43 @@ def runs_inline(devices) -> bool:
 
 
 def _available_bytes() -> int:
+    """The memory this process can still take: the kernel's MemAvailable, or less where a cgroup (a
+    container) limits it."""
+    available = 0
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    available = int(line.split()[1]) * 1024
     except OSError:
         pass
-    return 0
+    for limit, used in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),  # cgroup v2
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+    ):
+        try:
+            with open(limit) as f, open(used) as g:
+                cap, now = f.read().strip(), int(g.read().strip())
+        except (OSError, ValueError):
+            continue
+        if cap.isdigit() and int(cap) < 2**60:  # "max", or v1's "no limit", is none
+            available = min(available, max(int(cap) - now, 0))
+    return available
 
 
 def keep(block_bytes: int) -> bool:
     """Keep freed memory in the process from now on, for steps whose working memory is one block of
     ``block_bytes``; True if kept. Only for steps that run inside their dispatch (:func:`runs_inline`),
-    and where :data:`FIT` blocks fit in the memory available; otherwise memory goes back to the kernel
-    as before."""
-    if _state["kept"]:
-        return True
+    and where :data:`FIT` blocks fit in the memory available. A later, larger block (a longer row
+    length) is checked again, and memory goes back to the kernel if it does not fit."""
+    if block_bytes <= _state["block"]:
+        return _state["kept"]
     libc = _glibc()
     if libc is None:
         return False
     available = _available_bytes()
     if FIT * block_bytes > available:
+        release()
         log.info(
             "each step's %.1f GB of working memory goes back to the kernel after the step (%.1f GB "
             "available; keeping it between steps needs three times the block)",
@@ -113,9 +145,9 @@ def keep(block_bytes: int) -> bool:
             available / 1e9,
         )
         return False
-    libc.mallopt(_M_MMAP_MAX, 0)
-    libc.mallopt(_M_TRIM_THRESHOLD, _NEVER)
-    _state["kept"] = True
+    if not (libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, _NEVER)):
+        return False  # mallopt refused: memory goes back as before
+    _state.update(kept=True, block=block_bytes)
     log.info(
         "each step's %.1f GB of working memory stays in the process between steps, so the kernel does "
         "not zero it again every step (train.keep_host_memory=False hands it back)",
@@ -125,7 +157,9 @@ def keep(block_bytes: int) -> bool:
 
 
 def release() -> None:
-    """glibc's defaults again, and the free memory handed back to the kernel."""
+    """Freed memory goes back to the kernel again (glibc's mmap and trim settings at their documented
+    defaults; its dynamic mmap threshold stays where it was), and what is free now is handed back."""
+    _state["block"] = 0
     if not _state["kept"]:
         return
     libc = _glibc()

@@ -321,8 +321,10 @@ class _Parts:
     def _keep_memory(self, executable) -> None:
         """Where a step runs inside its dispatch (one CPU device), its working memory stays in the
         process between steps (train.keep_host_memory; jaxtune.hostmem)."""
+        if not (self.run.config.train.keep_host_memory and self.meter.inline):
+            return
         memory = executable.memory_analysis()
-        if self.run.config.train.keep_host_memory and self.meter.inline and memory is not None:
+        if memory is not None:
             hostmem.keep(memory.temp_size_in_bytes)
 
     def measure(self, step: int, step_metrics, batch: dict, flush: bool) -> None:

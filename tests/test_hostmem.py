@@ -53,6 +53,8 @@ def _faults(mode):
 
 @pytest.mark.skipif(hostmem._glibc() is None, reason="keeping memory needs glibc's malloc")
 def test_kept_working_memory_is_not_faulted_in_again_each_step():
+    if hostmem._available_bytes() < hostmem.FIT * 2**30:
+        pytest.skip("under 3 GB of memory available: hostmem declines to keep a block here by design")
     given_back, kept = _faults("off"), _faults("keep")
     assert given_back["prepared"] and kept["prepared"] and kept["kept"] and not given_back["kept"]
     pages = kept["block"] // 4096
@@ -87,21 +89,32 @@ def libc(monkeypatch):
     process's runtime is running already: the setting no longer changes it)."""
     fake = _Libc()
     monkeypatch.setattr(hostmem, "_glibc", lambda: fake)
-    monkeypatch.setattr(hostmem, "_state", {"kept": False})
+    monkeypatch.setattr(hostmem, "_state", {"kept": False, "block": 0})
+    monkeypatch.setattr(hostmem, "_runtime_started", lambda: False)  # as in a command before its first step
     was = jax.config.values["jax_cpu_enable_async_dispatch"]
     yield fake
     jax.config.update("jax_cpu_enable_async_dispatch", was)
 
 
 def test_steps_run_inline_on_one_cpu_device_after_prepare(libc, monkeypatch):
-    one, eight = np.array(jax.devices()[:1]), np.array(jax.devices())
+    one, every = np.array(jax.devices()[:1]), np.array(jax.devices())
     jax.config.update("jax_cpu_enable_async_dispatch", True)
     assert not hostmem.runs_inline(one)
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     assert hostmem.prepare()
     assert hostmem.runs_inline(one)
-    assert not hostmem.runs_inline(eight)  # JAX dispatches a step over several devices asynchronously
+    if every.size > 1:
+        assert not hostmem.runs_inline(every)  # JAX dispatches a step over several asynchronously
     assert libc.calls == []
+
+
+def test_prepare_is_too_late_once_the_runtime_runs(monkeypatch):
+    # This process's runtime has started: the setting would no longer reach it, so nothing changes.
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    jax.devices()
+    was = jax.config.values["jax_cpu_enable_async_dispatch"]
+    assert not hostmem.prepare()
+    assert jax.config.values["jax_cpu_enable_async_dispatch"] == was
 
 
 def test_memory_is_kept_only_where_three_blocks_fit(libc, monkeypatch):
@@ -118,6 +131,11 @@ def test_memory_is_kept_only_where_three_blocks_fit(libc, monkeypatch):
     ]
     hostmem.release()  # once is enough
     assert len(libc.calls) == 5
+    # A longer row length's larger block is checked again: kept if it fits, handed back if not.
+    assert hostmem.keep(2 * 2**30) and hostmem.keep(2**30)
+    assert len(libc.calls) == 7  # the smaller block needed nothing more
+    assert not hostmem.keep(4 * 2**30)
+    assert libc.calls[7:] == libc.calls[2:5]  # back to glibc's settings, free memory trimmed
 
 
 @pytest.mark.parametrize(

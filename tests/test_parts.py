@@ -115,6 +115,8 @@ def test_an_inline_step_is_reported_at_once_with_its_own_time():
     meter.step(3, step_metrics(), 8)
     assert rows.rows[-1]["step_seconds"] == pytest.approx(1.5)
     assert meter.pending is None and meter.last == (3, 1.0)
+    with pytest.raises(NonFiniteLoss, match="loss is nan at step 4"):  # at its own step, not the next
+        meter.step(4, step_metrics(math.nan), 8)
 
 
 def test_step_meter_counts_the_real_tokens_of_a_step_not_its_padding():

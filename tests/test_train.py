@@ -18,7 +18,7 @@ from flax import nnx
 from runs import losses, metrics, one_device, tiny_config
 
 import jaxtune
-from jaxtune import checkpoint, optim, steps, train
+from jaxtune import checkpoint, hostmem, optim, steps, train
 from jaxtune.config import ConfigError, defaults, validate
 from jaxtune.losses import causal_lm_loss
 from jaxtune.plan import load_model
@@ -384,7 +384,8 @@ def test_sigterm_saves_and_exits_zero_then_the_run_resumes(text_file, tmp_path):
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
     assert "SIGTERM" in out
-    assert "working memory stays in the process" in out  # jaxtune.hostmem, on this CPU
+    if hostmem._glibc() is not None:  # jaxtune.hostmem keeps a CPU step's memory with glibc's malloc
+        assert "working memory stays in the process" in out
     done = max(losses(workdir))
     assert checkpoint.Checkpoints(str(workdir)).latest() == done
     # The continuation: same config, same workdir; it picks up at the saved step.
