@@ -140,9 +140,10 @@ def keep(block_bytes: int) -> bool:
         release()
         log.info(
             "each step's %.1f GB of working memory goes back to the kernel after the step (%.1f GB "
-            "available; keeping it between steps needs three times the block)",
+            "available; keeping it between steps needs %d times the block)",
             block_bytes / 1e9,
             available / 1e9,
+            FIT,
         )
         return False
     if not (libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, _NEVER)):
