@@ -61,10 +61,10 @@ def test_kept_working_memory_is_not_faulted_in_again_each_step():
     assert kept["block"] > 64 * 2**20  # larger than any block glibc would keep on its own
     # Handed back, every step faults its block in again. Kept, a step's block is the last one's (in some
     # runs two alternate, when a small allocation placed above a freed block leaves its hole a little
-    # short of an aligned block: hostmem's doc), so after a few steps none faults, and the process holds
+    # short of an aligned block: hostmem's doc), so at most two steps fault it in, and the process holds
     # at most one block more.
     assert min(given_back["faults"]) > pages // 2
-    assert max(kept["faults"][6:]) < pages // 4
+    assert sum(f > pages // 4 for f in kept["faults"]) <= 2  # the block placed once, or twice
     assert kept["resident"][-1] - kept["resident"][0] < 1.25 * kept["block"]
 
 
