@@ -8,6 +8,7 @@ mean transformers reports.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -56,24 +57,62 @@ def classification_loss(logits, labels, problem_type: str, weights=None):
     return jnp.sum(per * w), jnp.sum(w) * (per.size // per.shape[0])
 
 
-def causal_lm_loss(model, batch, chunk_tokens: int, dropout=None, options=DEFAULT_OPTIONS):
+def causal_lm_loss(model, batch, chunk_tokens: int, dropout=None, options=DEFAULT_OPTIONS, groups: int = 1):
     """Summed next-token cross-entropy and the number of counted tokens.
 
     The output layer and the loss run over chunks of ``chunk_tokens`` tokens (:func:`chunked_nll`), so
-    at most one chunk of float32 logits ``[chunk, vocab]`` exists at a time, forward or backward.
+    at most one chunk of float32 logits ``[chunk, vocab]`` exists at a time, forward or backward. The
+    tokens with a loss go first (:class:`OutputOrder`), so a chunk of tokens without one (an SFT
+    batch's prompts) is skipped. ``groups``: the shards of the batch's rows; tokens are only reordered
+    within a group of rows, so a device's tokens stay on it.
     """
     inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
     x_btd = model.hidden_states(batch["input_ids"], **inputs, dropout=dropout, options=options)
     b, t, d = x_btd.shape
-    n = b * t
-    chunk = min(chunk_tokens, n)
-    pad = -n % chunk
-    x_nd = jnp.pad(x_btd.reshape(n, d), ((0, pad), (0, 0))).reshape(-1, chunk, d)
-    targets = jnp.pad(batch["targets"].reshape(n), (0, pad)).reshape(-1, chunk)
-    weights = jnp.pad(batch["loss_mask"].reshape(n).astype(jnp.float32), (0, pad)).reshape(-1, chunk)
+    layout = OutputOrder(batch["loss_mask"], chunk_tokens, groups)
     w, names = model.output_weights()
-    total = chunked_nll(model.logits_with, names, w, x_nd, targets, weights)
+    weights = layout.chunks(batch["loss_mask"].astype(jnp.float32))
+    total = chunked_nll(
+        model.logits_with, names, w, layout.chunks(x_btd), layout.chunks(batch["targets"]), weights
+    )
     return total, jnp.sum(weights)
+
+
+class OutputOrder:
+    """Where each token of a batch goes in the output layer's chunks: within each of ``groups``
+    groups of rows, the tokens with a loss (``loss_mask``) first, in their order, then the rest; a
+    chunk takes ``chunk_tokens / groups`` consecutive tokens of every group. In an SFT batch, where
+    only the answers carry a loss (a quarter to a third of the tokens of the chat data of
+    benchmarks/README.md), the chunks after the last token with a loss hold none, and
+    :func:`chunked_nll` skips them: the vocabulary-sized products of those tokens are never
+    computed. A batch where every token has a loss keeps its order."""
+
+    def __init__(self, loss_mask_bt, chunk_tokens: int, groups: int = 1):
+        b, t = loss_mask_bt.shape
+        self.groups = math.gcd(max(int(groups), 1), b)
+        self.per = max(1, min(chunk_tokens, b * t) // self.groups)  # a group's tokens in one chunk
+        # A group is one device's rows (named "batch" like the rows): the sort and the gathers stay on it.
+        keep = constrain(loss_mask_bt.reshape(self.groups, -1) > 0, ("batch", None))
+        self.order = jnp.argsort(~keep, axis=1, stable=True)  # [groups, tokens of a group]
+        self.labelled = jnp.sum(keep, axis=1)  # per group
+
+    def chunks(self, a_bt):
+        """``a_bt`` [b, t, ...] reordered and cut into chunks: [chunks, chunk tokens, ...]."""
+        g, m = self.order.shape
+        rest = (None,) * (a_bt.ndim - 2)
+        a = constrain(a_bt.reshape(g, m, *a_bt.shape[2:]), ("batch", None, *rest))
+        a = jnp.take_along_axis(a, self.order.reshape(g, m, *(1,) * len(rest)), axis=1)
+        a = jnp.pad(a, ((0, 0), (0, -m % self.per)) + ((0, 0),) * len(rest))
+        a = a.reshape(g, -1, self.per, *a.shape[2:])
+        a = jnp.swapaxes(a, 0, 1).reshape(-1, g * self.per, *a.shape[3:])
+        return constrain(a, (None, "batch", *rest))
+
+    def computed_tokens(self):
+        """How many of the batch's tokens go through the output layer: those of the chunks up to
+        the last token with a loss (padding of the last chunk not counted)."""
+        g, m = self.order.shape
+        used = -(-jnp.max(self.labelled) // self.per) * self.per
+        return g * jnp.minimum(used, m)
 
 
 def _nll(logits_fn, w, x_cd, target_c, weight_c):
@@ -92,13 +131,22 @@ def chunked_nll(logits_fn, w_names, w, x_ncd, targets_nc, weights_nc):
     number, which the backward pass only multiplies in. Recomputing each chunk's logits on the way
     back instead (``jax.checkpoint``) cost one more vocabulary-sized product per chunk: 1.7 s of a
     SmolLM2 step of 8 x 512 tokens on a 2-core CPU (benchmarks/README.md). The weight's gradient is
-    skipped when ``w`` is not trained (a LoRA run's frozen head).
+    skipped when ``w`` is not trained (a LoRA run's frozen head). Chunks after the last one with a
+    nonzero weight are skipped (the loop ends there: no products at all), which :class:`OutputOrder`
+    arranges for the tokens without a loss. The loop has no branch in it: XLA then moves the
+    weight gradient's cross-device sum out of the loop, once per step instead of once per chunk.
     """
 
-    def body(total, xs):
-        return total + _nll(logits_fn, w, *xs), None
+    def body(i, total):
+        return total + _nll(logits_fn, w, x_ncd[i], targets_nc[i], weights_nc[i])
 
-    return jax.lax.scan(body, jnp.zeros((), jnp.float32), (x_ncd, targets_nc, weights_nc))[0]
+    return jax.lax.fori_loop(0, _chunks_used(weights_nc), body, jnp.zeros((), jnp.float32))
+
+
+def _chunks_used(weights_nc):
+    """The chunks up to the last one with a nonzero weight: the ones the loss runs over."""
+    used = jnp.any(weights_nc != 0, axis=1)
+    return jnp.max(jnp.where(used, jnp.arange(1, used.shape[0] + 1), 0))
 
 
 def _chunked_nll_fwd(logits_fn, w_names, w, x_ncd, targets_nc, weights_nc):
@@ -108,9 +156,9 @@ def _chunked_nll_fwd(logits_fn, w_names, w, x_ncd, targets_nc, weights_nc):
     # step's own 1/tokens would scale them: a float16 sum over thousands of tokens can overflow.
     count = jnp.maximum(jnp.sum(weights_nc), 1.0)
 
-    def body(carry, xs):
-        total, dw = carry
-        x_cd, target_c, weight_c = xs
+    def body(i, carry):
+        total, dw, dx_ncd = carry
+        x_cd, target_c, weight_c = x_ncd[i], targets_nc[i], weights_nc[i]
         if trains_w:
             loss, grad = jax.vjp(lambda w, x: _nll(logits_fn, w, x, target_c, weight_c), w, x_cd)
             dw_c, dx_cd = grad(1.0 / count)
@@ -118,13 +166,13 @@ def _chunked_nll_fwd(logits_fn, w_names, w, x_ncd, targets_nc, weights_nc):
         else:
             loss, grad = jax.vjp(lambda x: _nll(logits_fn, w, x, target_c, weight_c), x_cd)
             (dx_cd,) = grad(1.0 / count)
-        return (total + loss, dw), dx_cd
+        return total + loss, dw, dx_ncd.at[i].set(dx_cd)
 
     acc = jnp.promote_types(jnp.float32, w.dtype)
     # The gradient is summed sharded like the weight (a 128k-vocabulary head's is GBs).
     dw0 = constrain(jnp.zeros(w.shape, acc), w_names) if trains_w else jnp.zeros((), acc)
-    init = (jnp.zeros((), jnp.float32), dw0)
-    (total, dw), dx_ncd = jax.lax.scan(body, init, (x_ncd, targets_nc, weights_nc))
+    init = (jnp.zeros((), jnp.float32), dw0, jnp.zeros_like(x_ncd))  # skipped chunks: no gradient
+    total, dw, dx_ncd = jax.lax.fori_loop(0, _chunks_used(weights_nc), body, init)
     # dw stays in its float32 accumulator until the backward pass scales it; the empty array carries
     # the weight's dtype there.
     return total, ((dw, jnp.zeros((0,), w.dtype)) if trains_w else None, dx_ncd, count)

@@ -35,7 +35,10 @@ class StepMeter:
     (or None).
     ``measured``: the peak was measured on this machine (a CPU), so it is a lower bound of the true
     one: a step that runs faster raises it, and MFU never reads above 100%.
-    ``inline``: a step has run by the time it is recorded (see the module's doc)."""
+    ``inline``: a step has run by the time it is recorded (see the module's doc).
+    ``output_flops``: a language model's output-layer FLOPs per token; a step's ``output_tokens``
+    metric (the tokens the loss took through that layer: it skips those after the last token with a
+    loss) then takes the skipped tokens' share out of ``cost``'s FLOPs."""
 
     def __init__(
         self,
@@ -48,8 +51,9 @@ class StepMeter:
         clock=time.perf_counter,
         measured: bool = False,
         inline: bool = False,
+        output_flops: float = 0.0,
     ):
-        self.measured, self.inline = measured, inline
+        self.measured, self.inline, self.output_flops = measured, inline, output_flops
         self.cost, self.peak, self.log_every, self.total = cost, peak, log_every, total
         self.writer, self.bar, self.clock = writer, bar, clock
         self.started = clock()
@@ -77,11 +81,17 @@ class StepMeter:
             if previous is not None:
                 self._report([previous])
 
+    def _cost(self, metrics: dict, length: int) -> tuple[int, float]:
+        tokens, flops = self.cost(length)
+        if "output_tokens" in metrics:
+            flops -= self.output_flops * max(tokens - float(metrics["output_tokens"]), 0.0)
+        return tokens, flops
+
     def _report(self, done: list) -> None:
         fetched = [(step, jax.device_get(m), length) for step, m, length in done]
         now = self.clock()
         seconds, self.started = now - self.started, now
-        costs = [self.cost(length) for _, _, length in done]
+        costs = [self._cost(m, length) for _, m, length in fetched]
         all_flops = sum(flops for _, flops in costs) or 1.0
         for (step, m, _), (tokens, flops) in zip(fetched, costs, strict=True):
             loss = float(m["loss"])

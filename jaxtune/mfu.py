@@ -188,11 +188,18 @@ def flops_per_token(cfg, seq_len: int, output_layer: bool = True, adapter_params
     )
     attn_proj = d * h * (2 * n + 2 * k)  # q, o and k, v
     mlp = d * f * (3 if cfg.gated_mlp else 2)
-    matmul_params = L * (attn_proj + mlp) + (d * cfg.vocab_size if output_layer else 0)
+    matmul_params = L * (attn_proj + mlp)
+    head = output_layer_flops_per_token(cfg, adapter_params is not None) if output_layer else 0.0
     # q k^T and the weighted sum of v: 4 n h FLOPs per key a token attends to, times 3 for the backward
     # pass. A causal token attends to the keys up to itself, half the row on average (MaxText's count;
     # the fused kernels skip the blocks above the diagonal), an encoder's token to all of them.
     attention = 12.0 * L * n * h * seq_len * (0.5 if cfg.causal else 1.0)
     if adapter_params is not None:
-        return 4.0 * matmul_params + 6.0 * adapter_params + attention
-    return 6.0 * matmul_params + attention
+        return 4.0 * matmul_params + 6.0 * adapter_params + attention + head
+    return 6.0 * matmul_params + attention + head
+
+
+def output_layer_flops_per_token(cfg, frozen: bool = False) -> float:
+    """A language model's vocabulary projection, per token it is computed for: 6 FLOPs per weight,
+    4 when it is ``frozen`` (LoRA: no weight gradient)."""
+    return (4.0 if frozen else 6.0) * cfg.hidden_size * cfg.vocab_size

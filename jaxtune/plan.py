@@ -261,11 +261,11 @@ def plan(
         "opt_state": _abstract(opt_abstract, shardings["opt_state"]),
         "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=shardings["step"]),
     }
-    objective = steps.Objective(spec.task, config.model.loss_chunk_tokens)
+    batch_sh = sharding.batch_sharding(mesh, rules)
+    objective = steps.Objective(spec.task, config.model.loss_chunk_tokens, sharding.batch_shards(batch_sh))
     options = CallOptions(remat=config.model.remat, attention=config.model.attention)
     compute = jnp.dtype(config.model.compute_dtype)
     _check_attention(config.model.attention, mesh, compute)
-    batch_sh = sharding.batch_sharding(mesh, rules)
     step_fn = steps.make_train_step(
         spec.graphdef,
         tx,

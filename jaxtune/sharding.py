@@ -8,6 +8,7 @@ models/layers.py). A short rules table maps each name to mesh axes (``data``, ``
 from __future__ import annotations
 
 import logging
+import math
 
 import jax
 import numpy as np
@@ -94,6 +95,13 @@ def put_blocks(source, sharding) -> jax.Array:
 def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
     """Batch arrays (any rank): the leading dimension over the ``batch`` rule's axes (data x fsdp)."""
     return NamedSharding(mesh, PartitionSpec(dict(rules).get("batch")))
+
+
+def batch_shards(shard: NamedSharding) -> int:
+    """Into how many blocks ``shard`` (a :func:`batch_sharding`) cuts a batch's rows."""
+    axes = shard.spec[0] if len(shard.spec) else None
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    return math.prod(shard.mesh.shape[a] for a in axes)
 
 
 def process_rows(shard: NamedSharding, batch_size: int) -> np.ndarray:

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jaxtune.losses import IGNORE_INDEX, causal_lm_loss, classification_loss
+from jaxtune.losses import IGNORE_INDEX, OutputOrder, causal_lm_loss, classification_loss
 from jaxtune.models import heads
 from jaxtune.models.layers import DEFAULT_OPTIONS, CallOptions, Dropout
 
@@ -30,8 +30,8 @@ class Objective:
     """What a task optimises: ``loss(model, batch) -> (summed loss, count)``, ``count(batch)`` (known
     before the forward pass), and ``eval_metrics(model, batch)`` (sums to add up over eval batches)."""
 
-    def __init__(self, task, chunk_tokens: int):
-        self.task, self.chunk_tokens = task, chunk_tokens
+    def __init__(self, task, chunk_tokens: int, groups: int = 1):
+        self.task, self.chunk_tokens, self.groups = task, chunk_tokens, groups  # groups: see causal_lm_loss
         self.causal = task.name == "causal_lm"
         if not self.causal and task.name != "sequence_classification":
             raise ValueError(f"training {task.name} is not supported yet")
@@ -45,6 +45,11 @@ class Objective:
             return jnp.sum(batch["loss_mask"].astype(jnp.float32))
         return jnp.sum(batch["weights"].astype(jnp.float32)) * self.outputs
 
+    def output_tokens(self, batch):
+        """How many of a causal batch's tokens the loss takes through the output layer (the rest, after
+        the last token with a loss, are skipped: see losses.OutputOrder)."""
+        return OutputOrder(batch["loss_mask"], self.chunk_tokens, self.groups).computed_tokens()
+
     def _logits(self, model, batch, dropout: Dropout | None = None, options: CallOptions = DEFAULT_OPTIONS):
         ids, mask, types = batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids")
         return model(ids, mask, types, dropout=dropout, options=options)
@@ -57,12 +62,14 @@ class Objective:
 
     def loss(self, model, batch, dropout: Dropout | None = None, options: CallOptions = DEFAULT_OPTIONS):
         if self.causal:
-            return causal_lm_loss(model, batch, self.chunk_tokens, dropout, options)
+            return causal_lm_loss(model, batch, self.chunk_tokens, dropout, options, self.groups)
         return self._classification_loss(self._logits(model, batch, dropout, options), batch)
 
     def eval_metrics(self, model, batch, options: CallOptions = DEFAULT_OPTIONS) -> dict:
         if self.causal:
-            total, count = causal_lm_loss(model, batch, self.chunk_tokens, options=options)
+            total, count = causal_lm_loss(
+                model, batch, self.chunk_tokens, options=options, groups=self.groups
+            )
             return {"loss_sum": total, "count": count}
         logits = self._logits(model, batch, options=options)
         total, count = self._classification_loss(logits, batch)
@@ -148,6 +155,15 @@ def make_train_step(
             # The step's real tokens, padding left out: what tokens/s counts.
             "tokens": batch["attention_mask"].sum(dtype=jnp.float32),
         }
+        if objective.causal:  # the output layer's share of the step's FLOPs (see meter.StepMeter)
+            per_micro = (
+                micro_batches(batch, accum_steps)
+                if accum_steps > 1
+                else jax.tree.map(lambda a: a[None], batch)
+            )
+            metrics["output_tokens"] = jnp.sum(jax.vmap(objective.output_tokens)(per_micro)).astype(
+                jnp.float32
+            )
         return new, metrics
 
     return train_step

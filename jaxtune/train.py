@@ -152,6 +152,13 @@ class Run:
         )
         return tokens, flops
 
+    @property
+    def output_flops(self) -> float:
+        """The output layer's FLOPs per token it is computed for (0 for a classifier)."""
+        if not self.plan.objective.causal:
+            return 0.0
+        return mfu.output_layer_flops_per_token(self.plan.spec.cfg, self.adapter_params is not None)
+
     def _resume(self, ckpt, best: BestTracker) -> int:
         """The step the run starts from: that of the newest intact checkpoint (state, data position and
         best tracker restored), else 0."""
@@ -292,6 +299,7 @@ class _Parts:
             bar,
             measured=measured,
             inline=inline,
+            output_flops=run.output_flops,
         )
         self.evaluator = evaluators.make(config, run.plan, run.eval_rows, run.labels, writer, run.workdir)
         self.finite = jax.jit(steps.all_finite)

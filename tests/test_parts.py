@@ -129,6 +129,20 @@ def test_step_meter_counts_the_real_tokens_of_a_step_not_its_padding():
     assert rows.rows[0]["mfu"] == pytest.approx(8000 / 2.0 / 1e6)  # the device computed all 80
 
 
+def test_step_meter_leaves_out_the_flops_of_tokens_the_output_layer_skipped():
+    # 80 token positions, 100 FLOPs each of which 60 are the output layer's; the loss took 30 of
+    # them through that layer (losses.OutputOrder), so the step computed 80 * 40 + 30 * 60 FLOPs.
+    clock, rows = Clock(), Rows()
+    cost = lambda length: (10 * length, 1000.0 * length)  # noqa: E731 (padded tokens, FLOPs)
+    meter = StepMeter(cost, peak=1e6, log_every=1, total=10, writer=rows, clock=clock, output_flops=60.0)
+    clock.now = 2.0
+    meter.step(1, dict(step_metrics(), output_tokens=jnp.float32(30.0)), 8, flush=True)
+    assert rows.rows[0]["mfu"] == pytest.approx((80 * 40 + 30 * 60) / 2.0 / 1e6)
+    clock.now = 4.0
+    meter.step(2, dict(step_metrics(), output_tokens=jnp.float32(80.0)), 8, flush=True)  # none skipped
+    assert rows.rows[1]["mfu"] == pytest.approx(80 * 100 / 2.0 / 1e6)
+
+
 def test_a_measured_peak_is_a_floor_so_mfu_never_reads_above_one():
     clock, rows = Clock(), Rows()
     # 1e6 FLOPs a step against a measured peak of 1e5 FLOP/s: the step itself shows the peak was low.

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from runs import tiny_config
 
 from jaxtune import mfu, sharding
@@ -402,6 +403,63 @@ def test_the_chunked_loss_and_its_gradients_equal_autodiff_of_the_whole_loss(var
         frozen_dx = jax.jit(jax.grad(lambda x, c=chunk: chunked(c)(w, x)))(x)
         np.testing.assert_allclose(frozen_dx, want_dx, atol=1e-5, rtol=1e-5)
         assert float(jax.jit(chunked(chunk))(w, x)) == pytest.approx(float(want), rel=1e-5)
+
+
+@pytest.mark.e2e
+def test_the_output_layer_skips_chunks_without_a_loss_and_the_loss_and_gradients_stay_the_same(tmp_path):
+    """losses.causal_lm_loss puts the tokens with a loss first (within each group of rows) and skips
+    the output layer for chunks with none: an SFT-like batch (losses on the answers at the rows' ends,
+    one row without any) gives autodiff's loss and gradients over the whole logits, for one group of
+    rows and for two, and only its labelled chunks' tokens go through the output layer."""
+    from hf_models import make_model
+
+    import jaxtune
+    from jaxtune import losses
+
+    make_model("llama").save_pretrained(tmp_path / "llama")
+    model = jaxtune.load_pretrained(tmp_path / "llama")
+    graphdef, params = nnx.split(model)
+    rng = np.random.RandomState(0)
+    b, t = 4, 16
+    ids = jnp.asarray(rng.randint(0, model.cfg.vocab_size, (b, t)), jnp.int32)
+    loss_mask = np.zeros((b, t), np.float32)
+    loss_mask[0, 12:], loss_mask[1, 3:7], loss_mask[3, 10:15] = 1, 1, 1  # row 2 has no loss
+    batch = {
+        "input_ids": ids,
+        "attention_mask": jnp.ones((b, t), jnp.int32),
+        "targets": jnp.roll(ids, -1, axis=1),
+        "loss_mask": jnp.asarray(loss_mask),
+    }
+
+    def whole(params):
+        logits = nnx.merge(graphdef, params)(ids).astype(jnp.float32)
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        nll = -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
+        return jnp.sum(nll * batch["loss_mask"])
+
+    want, want_grads = jax.value_and_grad(whole)(params)
+    for groups, chunk_tokens, computed in ((1, 8, 16), (2, 8, 16), (2, 64, 64), (1, 4, 16)):
+        layout = losses.OutputOrder(batch["loss_mask"], chunk_tokens, groups)
+        assert int(layout.computed_tokens()) == computed  # 13 tokens with a loss, 8 of them in rows 0-1
+        used = losses._chunks_used(layout.chunks(batch["loss_mask"]))  # the chunks the loss loops over
+        assert int(used) * min(chunk_tokens, b * t) == computed
+
+        def ours(params, groups=groups, chunk_tokens=chunk_tokens):
+            total, count = losses.causal_lm_loss(
+                nnx.merge(graphdef, params), batch, chunk_tokens, groups=groups
+            )
+            return total, count
+
+        (got, count), grads = jax.jit(jax.value_and_grad(ours, has_aux=True))(params)
+        assert float(count) == 13.0
+        np.testing.assert_allclose(got, want, rtol=1e-5)
+        for a, e in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads), strict=True):
+            np.testing.assert_allclose(a, e, atol=1e-5, rtol=1e-4)
+        assert float(jax.jit(ours)(params)[0]) == pytest.approx(float(want), rel=1e-5)
+    nothing = dict(batch, loss_mask=jnp.zeros((b, t), jnp.float32))
+    assert int(losses.OutputOrder(nothing["loss_mask"], 8).computed_tokens()) == 0
+    total, count = losses.causal_lm_loss(model, nothing, 8)
+    assert float(total) == 0.0 and float(count) == 0.0
 
 
 def test_the_chunked_loss_gradients_stay_finite_in_float16():
