@@ -81,7 +81,8 @@ class Report:
             f"  code         {b['code'] / gib:9.2f} GiB",
             f"  total        {b['total'] / gib:9.2f} GiB  of {self.hbm_bytes_per_device / gib:.2f} GiB: "
             + ("fits" if self.fits else "DOES NOT FIT"),
-            f"FLOPs a step {self.flops_per_step:.3e} (model FLOPs, as the MFU figure counts them)",
+            f"FLOPs a step {self.flops_per_step:.3e} (model FLOPs, as the MFU figure counts them, with"
+            " every token through the output layer)",
         ]
         for u in MFU_POINTS:
             seconds = self.step_seconds(u)

@@ -58,7 +58,7 @@ def defaults() -> ml_collections.ConfigDict:
         # probabilities, attention and MLP outputs, classifier input); 0 = none. transformers trains
         # BERT-family checkpoints with their config's 0.1.
         dropout=0.0,
-        loss_chunk_tokens=1024,  # tokens per chunk of the output-layer + cross-entropy computation
+        loss_chunk_tokens=1024,  # tokens per chunk (on each device) of the output layer + cross-entropy
         adapter="",  # a PEFT LoRA adapter directory to put on the model (continue training it)
     )
     # LoRA: low-rank adapters train, the base model stays frozen (a classifier's head trains in full).

@@ -80,8 +80,8 @@ def causal_lm_loss(model, batch, chunk_tokens: int, dropout=None, options=DEFAUL
 
 class OutputOrder:
     """Where each token of a batch goes in the output layer's chunks: within each of ``groups``
-    groups of rows, the tokens with a loss (``loss_mask``) first, in their order, then the rest; a
-    chunk takes ``chunk_tokens / groups`` consecutive tokens of every group. In an SFT batch, where
+    groups of rows (a device's rows), the tokens with a loss (``loss_mask``) first, in their order,
+    then the rest; a chunk takes ``chunk_tokens`` consecutive tokens of every group. In an SFT batch, where
     only the answers carry a loss (a quarter to a third of the tokens of the chat data of
     benchmarks/README.md), the chunks after the last token with a loss hold none, and
     :func:`chunked_nll` skips them: the vocabulary-sized products of those tokens are never
@@ -90,10 +90,11 @@ class OutputOrder:
     def __init__(self, loss_mask_bt, chunk_tokens: int, groups: int = 1):
         b, t = loss_mask_bt.shape
         self.groups = math.gcd(max(int(groups), 1), b)
-        self.per = max(1, min(chunk_tokens, b * t) // self.groups)  # a group's tokens in one chunk
+        self.per = max(1, min(chunk_tokens, b * t // self.groups))  # a group's tokens in one chunk
         # A group is one device's rows (named "batch" like the rows): the sort and the gathers stay on it.
         keep = constrain(loss_mask_bt.reshape(self.groups, -1) > 0, ("batch", None))
         self.order = jnp.argsort(~keep, axis=1, stable=True)  # [groups, tokens of a group]
+        self.inverse = jnp.argsort(self.order, axis=1)  # where each token went: the gradient's way back
         self.labelled = jnp.sum(keep, axis=1)  # per group
 
     def chunks(self, a_bt):
@@ -101,7 +102,7 @@ class OutputOrder:
         g, m = self.order.shape
         rest = (None,) * (a_bt.ndim - 2)
         a = constrain(a_bt.reshape(g, m, *a_bt.shape[2:]), ("batch", None, *rest))
-        a = jnp.take_along_axis(a, self.order.reshape(g, m, *(1,) * len(rest)), axis=1)
+        a = _permute(a, self.order, self.inverse)
         a = jnp.pad(a, ((0, 0), (0, -m % self.per)) + ((0, 0),) * len(rest))
         a = a.reshape(g, -1, self.per, *a.shape[2:])
         a = jnp.swapaxes(a, 0, 1).reshape(-1, g * self.per, *a.shape[3:])
@@ -113,6 +114,24 @@ class OutputOrder:
         g, m = self.order.shape
         used = -(-jnp.max(self.labelled) // self.per) * self.per
         return g * jnp.minimum(used, m)
+
+
+@jax.custom_vjp
+def _permute(a_gm, order_gm, inverse_gm):
+    """``a_gm`` [g, m, ...] reordered along m by ``order_gm``. Its gradient goes back by the inverse
+    order, a gather like the forward's: autodiff's scatter-add does not know the indices are a
+    permutation (on a GPU, atomic adds)."""
+    return _gather(a_gm, order_gm)
+
+
+def _gather(a_gm, index_gm):
+    return jnp.take_along_axis(a_gm, index_gm.reshape(*index_gm.shape, *(1,) * (a_gm.ndim - 2)), axis=1)
+
+
+_permute.defvjp(
+    lambda a, order, inverse: (_gather(a, order), inverse),
+    lambda inverse, d_gm: (_gather(d_gm, inverse), None, None),
+)
 
 
 def _nll(logits_fn, w, x_cd, target_c, weight_c):
@@ -140,10 +159,10 @@ def chunked_nll(logits_fn, w_names, w, x_ncd, targets_nc, weights_nc):
     def body(i, total):
         return total + _nll(logits_fn, w, x_ncd[i], targets_nc[i], weights_nc[i])
 
-    return jax.lax.fori_loop(0, _chunks_used(weights_nc), body, jnp.zeros((), jnp.float32))
+    return jax.lax.fori_loop(0, chunks_used(weights_nc), body, jnp.zeros((), jnp.float32))
 
 
-def _chunks_used(weights_nc):
+def chunks_used(weights_nc):
     """The chunks up to the last one with a nonzero weight: the ones the loss runs over."""
     used = jnp.any(weights_nc != 0, axis=1)
     return jnp.max(jnp.where(used, jnp.arange(1, used.shape[0] + 1), 0))
@@ -171,8 +190,9 @@ def _chunked_nll_fwd(logits_fn, w_names, w, x_ncd, targets_nc, weights_nc):
     acc = jnp.promote_types(jnp.float32, w.dtype)
     # The gradient is summed sharded like the weight (a 128k-vocabulary head's is GBs).
     dw0 = constrain(jnp.zeros(w.shape, acc), w_names) if trains_w else jnp.zeros((), acc)
-    init = (jnp.zeros((), jnp.float32), dw0, jnp.zeros_like(x_ncd))  # skipped chunks: no gradient
-    total, dw, dx_ncd = jax.lax.fori_loop(0, _chunks_used(weights_nc), body, init)
+    dx0 = constrain(jnp.zeros_like(x_ncd), (None, "batch", None))  # skipped chunks: no gradient
+    init = (jnp.zeros((), jnp.float32), dw0, dx0)
+    total, dw, dx_ncd = jax.lax.fori_loop(0, chunks_used(weights_nc), body, init)
     # dw stays in its float32 accumulator until the backward pass scales it; the empty array carries
     # the weight's dtype there.
     return total, ((dw, jnp.zeros((0,), w.dtype)) if trains_w else None, dx_ncd, count)

@@ -97,7 +97,7 @@ def make_train_step(
     *,
     compute_dtype,
     accum_steps: int,
-    chunk_tokens: int = 2048,
+    chunk_tokens: int = 1024,
     objective: Objective | None = None,
     dropout: float = 0.0,
     seed: int = 0,
@@ -173,7 +173,7 @@ def make_eval_step(
     graphdef,
     *,
     compute_dtype,
-    chunk_tokens: int = 2048,
+    chunk_tokens: int = 1024,
     objective: Objective | None = None,
     options: CallOptions = DEFAULT_OPTIONS,
 ):

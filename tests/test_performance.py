@@ -441,8 +441,8 @@ def test_the_output_layer_skips_chunks_without_a_loss_and_the_loss_and_gradients
     for groups, chunk_tokens, computed in ((1, 8, 16), (2, 8, 16), (2, 64, 64), (1, 4, 16)):
         layout = losses.OutputOrder(batch["loss_mask"], chunk_tokens, groups)
         assert int(layout.computed_tokens()) == computed  # 13 tokens with a loss, 8 of them in rows 0-1
-        used = losses._chunks_used(layout.chunks(batch["loss_mask"]))  # the chunks the loss loops over
-        assert int(used) * min(chunk_tokens, b * t) == computed
+        used = losses.chunks_used(layout.chunks(batch["loss_mask"]))  # the chunks the loss loops over
+        assert int(used) * layout.groups * layout.per == computed
 
         def ours(params, groups=groups, chunk_tokens=chunk_tokens):
             total, count = losses.causal_lm_loss(
