@@ -95,7 +95,7 @@ class OutputOrder:
         keep = constrain(loss_mask_bt.reshape(self.groups, -1) > 0, ("batch", None))
         self.order = jnp.argsort(~keep, axis=1, stable=True)  # [groups, tokens of a group]
         self.inverse = jnp.argsort(self.order, axis=1)  # where each token went: the gradient's way back
-        self.labelled = jnp.sum(keep, axis=1)  # per group
+        self.loss_mask_bt = loss_mask_bt
 
     def chunks(self, a_bt):
         """``a_bt`` [b, t, ...] reordered and cut into chunks: [chunks, chunk tokens, ...]."""
@@ -109,10 +109,10 @@ class OutputOrder:
         return constrain(a, (None, "batch", *rest))
 
     def computed_tokens(self):
-        """How many of the batch's tokens go through the output layer: those of the chunks up to
-        the last token with a loss (padding of the last chunk not counted)."""
+        """How many of the batch's tokens go through the output layer: those of the chunks
+        :func:`chunked_nll` runs over (:func:`chunks_used`), the padding of the last chunk not counted."""
         g, m = self.order.shape
-        used = -(-jnp.max(self.labelled) // self.per) * self.per
+        used = chunks_used(self.chunks(self.loss_mask_bt.astype(jnp.float32))) * self.per
         return g * jnp.minimum(used, m)
 
 

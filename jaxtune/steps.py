@@ -156,14 +156,8 @@ def make_train_step(
             "tokens": batch["attention_mask"].sum(dtype=jnp.float32),
         }
         if objective.causal:  # the output layer's share of the step's FLOPs (see meter.StepMeter)
-            per_micro = (
-                micro_batches(batch, accum_steps)
-                if accum_steps > 1
-                else jax.tree.map(lambda a: a[None], batch)
-            )
-            metrics["output_tokens"] = jnp.sum(jax.vmap(objective.output_tokens)(per_micro)).astype(
-                jnp.float32
-            )
+            masks = micro_batches({"loss_mask": batch["loss_mask"]}, accum_steps)  # as the loss saw them
+            metrics["output_tokens"] = jnp.sum(jax.vmap(objective.output_tokens)(masks)).astype(jnp.float32)
         return new, metrics
 
     return train_step
