@@ -13,8 +13,9 @@ import pytest
 
 from jaxtune import hostmem
 
-# A jitted function whose working memory is one block of about 100 MB, run a dozen times; prints the
-# page faults of each run after the first and the resident memory after it, with hostmem kept or not.
+# A jitted function whose working memory is one block, of about 100 MB or (large) just over 2 GiB, run a
+# dozen times; prints the page faults of each run after the first and the resident memory after it,
+# with hostmem kept or not.
 SCRIPT = """
 import json, resource, sys
 from jaxtune import hostmem
@@ -25,8 +26,12 @@ def f(x):
     y = jnp.cumsum(jnp.exp(x), axis=0)
     return (y @ y.T).sum()
 
-x = jnp.ones((4096, 2048)) / 4096
-step = jax.jit(f).lower(x).compile()
+def large(x):  # two 300 x 1M float32 intermediates: 2.4 GB
+    y = jnp.cumsum(x[None, :] * jnp.arange(1, 301, dtype=jnp.float32)[:, None], axis=0)
+    return y[::7, ::5].sum()
+
+fn, x = (large, jnp.ones((1_000_000,))) if sys.argv[2] == "large" else (f, jnp.ones((4096, 2048)) / 4096)
+step = jax.jit(fn).lower(x).compile()
 block = step.memory_analysis().temp_size_in_bytes
 kept = sys.argv[1] == "keep" and hostmem.keep(block)
 jax.block_until_ready(step(x))
@@ -42,23 +47,28 @@ print(json.dumps(seen))
 """
 
 
-def _faults(mode):
+def _faults(mode, size):
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
     out = subprocess.run(
-        [sys.executable, "-c", SCRIPT, mode], env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", SCRIPT, mode, size], env=env, capture_output=True, text=True, timeout=300
     )
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.skipif(hostmem._glibc() is None, reason="keeping memory needs glibc's malloc")
-def test_kept_working_memory_is_not_faulted_in_again_each_step():
-    if hostmem._available_bytes() < hostmem.FIT * 2**30:
-        pytest.skip("under 3 GB of memory available: hostmem declines to keep a block here by design")
-    given_back, kept = _faults("off"), _faults("keep")
+@pytest.mark.parametrize("size, block_gb", [("small", 0.1), ("large", 2.4)])
+def test_kept_working_memory_is_not_faulted_in_again_each_step(size, block_gb):
+    # The large block is over 2 GiB, past the largest trim threshold mallopt can be given as a number:
+    # glibc trimmed such a block at every step until trimming was switched off outright.
+    needed = hostmem.FIT * block_gb * 1e9 + 2e9  # hostmem's rule, and the function's input and output
+    if hostmem._available_bytes() < needed:
+        pytest.skip(f"under {needed / 1e9:.1f} GB of memory available: hostmem declines this block by design")
+    given_back, kept = _faults("off", size), _faults("keep", size)
     assert given_back["prepared"] and kept["prepared"] and kept["kept"] and not given_back["kept"]
     pages = kept["block"] // 4096
     assert kept["block"] > 64 * 2**20  # larger than any block glibc would keep on its own
+    assert kept["block"] > 0.9 * block_gb * 1e9
     # Handed back, every step faults its block in again. Kept, a step's block is the last one's (in some
     # runs two alternate, when a small allocation placed above a freed block leaves its hole a little
     # short of an aligned block: hostmem's doc), so at most two steps fault it in, and the process holds
