@@ -14,8 +14,8 @@ import pytest
 from jaxtune import hostmem
 
 # A jitted function whose working memory is one block, of about 100 MB or (large) just over 2 GiB, run a
-# dozen times; prints the page faults of each run after the first and the resident memory after it,
-# with hostmem kept or not.
+# dozen times (the large one six); prints the page faults of each run after the first and the resident
+# memory after it, with hostmem kept or not.
 SCRIPT = """
 import json, resource, sys
 from jaxtune import hostmem
@@ -36,7 +36,7 @@ block = step.memory_analysis().temp_size_in_bytes
 kept = sys.argv[1] == "keep" and hostmem.keep(block)
 jax.block_until_ready(step(x))
 faults, resident = [], []
-for _ in range(12):
+for _ in range(6 if sys.argv[2] == "large" else 12):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     jax.block_until_ready(step(x))
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
